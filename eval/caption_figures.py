@@ -1,0 +1,79 @@
+"""Figures for captioning: an image, its generated caption, and per word where the decoder looked.
+
+One row per image: the image with its caption as title, then one panel per generated word (the
+final <eos> included) showing the decoder's cross-attention over the patch grid, upsampled and
+overlaid on the image (heads and blocks averaged; see ``Captioner.cross_attention``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def word_maps(ids: torch.Tensor, maps: torch.Tensor, vocab: list[str], eos_id: int = 3,
+              pad_id: int = 0) -> list[list[tuple[str, torch.Tensor]]]:
+    """Pair each generated token with its attention map.
+
+    ids (B, L): <bos> w1 .. <eos> <pad>...; maps (B, L - 1, g, g) with row k belonging to token
+    ids[:, k + 1]. Returns per image ``[(word, map (g, g)), ...]`` up to and including <eos>.
+    """
+    out = []
+    for b in range(len(ids)):
+        row = []
+        for k, t in enumerate(ids[b, 1:].tolist()):
+            if t == pad_id:
+                break
+            row.append((vocab[t], maps[b, k]))
+            if t == eos_id:
+                break
+        out.append(row)
+    return out
+
+
+def caption_attention_figure(images: torch.Tensor, ids: torch.Tensor, maps: torch.Tensor, tokenizer,
+                             path: str | Path, max_words: int = 16, upsample: int = 4) -> str:
+    """Save the per-word cross-attention figure as a PNG and return its path.
+
+    Args:
+        images: uint8 (B, 3, S, S).
+        ids: generated ids (B, L) (greedy or beam search output).
+        maps: (B, L - 1, g, g) from ``Captioner.cross_attention``.
+        tokenizer: gives ``vocab`` and ``decode``.
+        max_words: panels per row at most.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = word_maps(ids, maps, tokenizer.vocab, tokenizer.eos_id, tokenizer.pad_id)
+    n_cols = 1 + min(max_words, max(len(r) for r in rows))
+    B = len(images)
+    fig, axes = plt.subplots(B, n_cols, figsize=(1.6 * n_cols, 1.9 * B), squeeze=False)
+    S = images.shape[-1]
+    for b in range(B):
+        img = images[b].permute(1, 2, 0).numpy()
+        big = F.interpolate(images[b:b + 1].float(), scale_factor=upsample, mode="nearest")[0]
+        big = big.permute(1, 2, 0).byte().numpy()
+        ax = axes[b, 0]
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(tokenizer.decode(ids[b].tolist()), fontsize=7, loc="left", wrap=True)
+        for c, (word, m) in enumerate(rows[b][:max_words], start=1):
+            heat = F.interpolate(m[None, None].float(), size=(S * upsample, S * upsample),
+                                 mode="bilinear", align_corners=False)[0, 0]
+            ax = axes[b, c]
+            ax.imshow(big)
+            ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=float(heat.max()) or 1.0)
+            ax.set_title(f"{word}\n({float(m.sum()):.0%} on patches)", fontsize=7)
+        for ax in axes[b]:
+            ax.axis("off")
+    fig.suptitle("generated caption and, per word, the decoder's cross-attention over the patches "
+                 "(mean of heads and blocks; the CLS token's share is left out)", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,115 @@
+"""Figures of a contrastive image/text model (matplotlib, Agg backend, PNG).
+
+- :func:`similarity_heatmap`: the (B, B) image-text cosine matrix of a small batch with the
+  images and captions as axis labels; a trained model shows a bright diagonal.
+- :func:`retrieval_grid`: text queries (rows) and their top-k images, correct ones framed green.
+- :func:`embedding_scatter`: images and texts PCA-projected to 2-D in one plot (one shared
+  projection per panel), before vs after training, matching pairs joined by thin lines.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _hwc(img: torch.Tensor):
+    """uint8 (3, H, W) -> numpy (H, W, 3) for imshow."""
+    return img.permute(1, 2, 0).cpu().numpy()
+
+
+def similarity_heatmap(sim: torch.Tensor, images: torch.Tensor, captions: list[str], path,
+                       title: str = "image-text cosine similarity") -> Path:
+    """sim: (B, B) cosines (rows = images, columns = captions); images: (B, 3, H, W) uint8."""
+    B = len(sim)
+    fig = plt.figure(figsize=(2.0 + 0.55 * B, 2.6 + 0.55 * B))
+    ax = fig.add_axes([0.30, 0.05, 0.62, 0.62])
+    im = ax.imshow(sim.float().cpu().numpy(), cmap="viridis")
+    ax.set_xticks(range(B))
+    ax.set_xticklabels([textwrap.shorten(c, 38) for c in captions], rotation=90, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([])
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    for i in range(B):  # the image of each row, left of the matrix
+        box = ax.get_position()
+        h = box.height / B
+        iax = fig.add_axes([box.x0 - h * 1.05 * fig.get_figheight() / fig.get_figwidth(), box.y1 - (i + 1) * h, h * fig.get_figheight() / fig.get_figwidth(), h])
+        iax.imshow(_hwc(images[i]))
+        iax.axis("off")
+    fig.suptitle(title, y=0.995)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def retrieval_grid(queries: list[str], images: torch.Tensor, path, correct: torch.Tensor | None = None,
+                   scores: torch.Tensor | None = None, query_images: torch.Tensor | None = None,
+                   title: str = "text -> image retrieval") -> Path:
+    """queries: Q strings; images: (Q, k, 3, H, W) uint8 top-k per query; correct: (Q, k) bool
+    (green frame); scores: (Q, k) cosines; query_images: (Q, 3, H, W) for image->image rows."""
+    Q, k = images.shape[:2]
+    extra = 1 if query_images is not None else 0
+    fig, axes = plt.subplots(Q, k + extra, figsize=(1.25 * (k + extra) + 2.6, 1.45 * Q + 0.5), squeeze=False)
+    for q in range(Q):
+        if extra:
+            axes[q, 0].imshow(_hwc(query_images[q]))
+            axes[q, 0].set_title("query", fontsize=7)
+        for j in range(k):
+            ax = axes[q, j + extra]
+            ax.imshow(_hwc(images[q, j]))
+            if correct is not None:
+                colour = "limegreen" if bool(correct[q, j]) else "red"
+                for s in ax.spines.values():
+                    s.set_edgecolor(colour)
+                    s.set_linewidth(3)
+            if scores is not None:
+                ax.set_title(f"{float(scores[q, j]):.2f}", fontsize=7)
+        axes[q, 0].set_ylabel("\n".join(textwrap.wrap(queries[q], 22)), rotation=0, ha="right",
+                              va="center", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def pca_2d(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (N, 2) projection on the top two principal components (centred)."""
+    x = x.float() - x.float().mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    return x @ v[:2].T
+
+
+def embedding_scatter(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], path,
+                      colours: torch.Tensor | None = None, title: str = "shared embedding space (PCA)") -> Path:
+    """panels: name -> (image_emb (N, E), text_emb (N, E)) with row i a matching pair.
+    Each panel fits one PCA on images and texts together; dots = images, crosses = texts;
+    ``colours`` (N,) int colours points by a class (e.g. the object's colour)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
+    for ax, (name, (img, txt)) in zip(axes[0], panels.items()):
+        n = len(img)
+        xy = pca_2d(torch.cat([img, txt])).numpy()
+        c = colours.numpy() if colours is not None else None
+        for i in range(min(n, 60)):  # a few pair links
+            ax.plot([xy[i, 0], xy[n + i, 0]], [xy[i, 1], xy[n + i, 1]], color="0.8", lw=0.5, zorder=0)
+        ax.scatter(xy[:n, 0], xy[:n, 1], c=c, cmap="tab10", s=14, marker="o", label="images")
+        ax.scatter(xy[n:, 0], xy[n:, 1], c=c, cmap="tab10", s=22, marker="x", label="texts")
+        ax.set_title(name)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

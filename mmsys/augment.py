@@ -1,0 +1,33 @@
+"""Batched, seeded image augmentation on uint8 tensors (cheap enough for a 2-core CPU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmsys.data.split import to_float
+
+
+def random_crop_flip(images: torch.Tensor, g: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels (reflect padding, then crop) and random
+    horizontal flip, one draw per image from ``g``.
+
+    Args:
+        images: ``(B, 3, H, W)`` uint8.
+    Returns:
+        ``(B, 3, H, W)`` float in [-1, 1].
+    """
+    x = to_float(images)
+    B, _, H, W = x.shape
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+        dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+        ys = dy[:, None, None] + torch.arange(H)[None, :, None]  # (B, H, 1) rows in the padded image
+        xs = dx[:, None, None] + torch.arange(W)[None, None, :]  # (B, 1, W) columns
+        flat = (ys * (W + 2 * pad) + xs).reshape(B, 1, H * W).expand(B, x.shape[1], H * W)
+        x = x.flatten(2).gather(2, flat).view(B, -1, H, W)
+    if flip:
+        mask = torch.rand(B, generator=g) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x

@@ -1,0 +1,599 @@
+"""One training engine for every milestone: AdamW, warmup + cosine, bf16 autocast, gradient
+accumulation, clipping, EMA, progress bar, JSONL metrics, atomic checkpoints, exact resume, DDP.
+
+Determinism is a property of the engine. Everything random in step ``s`` is a pure function of
+``(cfg.seed, s, rank)``:
+
+- the global batch: :func:`batch_indices` (a fresh permutation per epoch, seeded by the epoch);
+- the ``torch.Generator`` handed to ``get_batch`` (augmentation);
+- the global torch RNG, reseeded at the start of every step (dropout, diffusion noise and
+  timesteps drawn inside ``loss_fn``).
+
+So a run killed after a checkpoint and resumed ends with bit-identical weights (on CPU), and
+DDP ranks see disjoint contiguous slices of the same global batch.
+
+Usage::
+
+    trainer = Trainer(model, TrainConfig(steps=600, batch_size=128, lr=1e-3, warmup_steps=50),
+                      loss_fn=loss_fn, data_size=len(train),
+                      get_batch=lambda idx, g: (augment(images[idx], g), labels[idx]),
+                      kind="vit", model_config=asdict(vit_cfg))
+    summary = trainer.fit()
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from mmsys.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe. ``batch_size`` is global: items per optimizer step over all ranks and
+    micro-batches. ``max_seconds`` stops early (time budget, measured from ``fit()`` start)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays lr to lr * min_lr_ratio at the last step
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
+    bf16: bool = False  # torch.autocast(device_type, dtype=torch.bfloat16)
+    ema_decay: float | None = None
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 0  # 0 = checkpoint only at the end
+    out_dir: str | None = None  # None = no checkpoints, no metrics log
+    device: str = "cpu"
+    progress: bool = True
+    channels_last: bool = False
+    max_seconds: float | None = None
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1 or self.log_every < 1:
+            raise ValueError(f"invalid TrainConfig: {self}")
+
+
+# ----------------------------------------------------------------------------- seeding
+
+_M64 = (1 << 64) - 1
+
+
+def _mix(*xs: int) -> int:
+    """Hash integers to a 63-bit seed (splitmix64 chain); distinct tuples give unrelated seeds."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        z = ((h ^ (int(x) & _M64)) + 0x9E3779B97F4A7C15) & _M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        h = z ^ (z >> 31)
+    return h >> 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _get_rng_state() -> dict:
+    np_state = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
+            "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                      "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                      "cached_gaussian": float(np_state[4])}}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+
+
+# ----------------------------------------------------------------------------- data indexing
+
+@lru_cache(maxsize=4)
+def _epoch_perm(n_items: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(_mix(seed, 0, epoch)))
+
+
+def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Dataset indices of the global batch of ``step``: ``(batch_size,)`` int64.
+
+    Item ``k`` of the stream is ``perm_e[k % n]`` with epoch ``e = k // n`` and ``perm_e =
+    randperm(n)`` seeded by ``(seed, e)``; step ``s`` takes stream items ``[s*B, (s+1)*B)``. A
+    batch may straddle two epochs. Each epoch visits every item exactly once.
+    """
+    pos = step * batch_size + torch.arange(batch_size)
+    epochs, within = pos // n_items, pos % n_items
+    out = torch.empty(batch_size, dtype=torch.long)
+    for e in torch.unique(epochs).tolist():
+        m = epochs == e
+        out[m] = _epoch_perm(n_items, seed, e)[within[m]]
+    return out
+
+
+def rank_slice(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous chunk of a global batch (``len(indices) % world_size == 0``)."""
+    per = len(indices) // world_size
+    return indices[rank * per:(rank + 1) * per]
+
+
+def _batch_len(x: Any) -> int | None:
+    """Leading size of the first tensor (or per-item list) found in a batch, else None."""
+    if isinstance(x, torch.Tensor):
+        return x.shape[0] if x.ndim else None
+    if isinstance(x, dict) or _is_container(x):
+        for e in (x.values() if isinstance(x, dict) else x):
+            if (n := _batch_len(e)) is not None:
+                return n
+        return None
+    return len(x) if isinstance(x, (list, tuple)) else None
+
+
+def _is_container(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and any(isinstance(e, (torch.Tensor, dict, list, tuple)) for e in x)
+
+
+def _slice(x: Any, a: int, b: int, n: int) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x[a:b] if x.ndim and x.shape[0] == n else x
+    if isinstance(x, dict):
+        return {k: _slice(v, a, b, n) for k, v in x.items()}
+    if _is_container(x):
+        items = [_slice(e, a, b, n) for e in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    if isinstance(x, (list, tuple)) and len(x) == n:
+        return x[a:b]
+    return x
+
+
+def split_batch(batch: Any, n_micro: int) -> list:
+    """Split a batch into ``n_micro`` micro-batches along dim 0 (sizes differ by at most one).
+
+    Tensors with leading size B are sliced; dicts, and tuples/lists holding tensors, are
+    containers split element-wise; other lists of length B (e.g. caption strings) are sliced;
+    anything else is passed unchanged to every micro-batch.
+    """
+    n = _batch_len(batch)
+    if n is None:
+        raise ValueError("cannot find the batch dimension: return a tensor or a tuple/dict of tensors")
+    if n_micro > n:
+        raise ValueError(f"cannot split {n} items into {n_micro} micro-batches")
+    sizes = [n // n_micro + (i < n % n_micro) for i in range(n_micro)]
+    bounds = np.cumsum([0] + sizes).tolist()
+    return [_slice(batch, bounds[i], bounds[i + 1], n) for i in range(n_micro)]
+
+
+def _to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+    if isinstance(x, dict):
+        return {k: _to_device(v, device, channels_last) for k, v in x.items()}
+    if _is_container(x):
+        items = [_to_device(e, device, channels_last) for e in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    return x
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` used by optimizer step ``step`` (0-based).
+
+    Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``; then cosine from 1 at
+    ``step = warmup_steps`` to ``min_lr_ratio`` at ``step = steps``:
+    ``r + (1 - r) * 0.5 * (1 + cos(pi * (step - warmup) / (steps - warmup)))``.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    r = cfg.min_lr_ratio
+    return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``cfg.lr * lr_factor(step, cfg)``."""
+    return cfg.lr * lr_factor(step, cfg)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups. Rule: a trainable parameter is decayed iff ``p.ndim >= 2`` (weight
+    matrices and conv kernels) and it is not named by a ``no_weight_decay()`` method of the module
+    that owns it (returning names relative to that module, e.g. ``{"pos_embed", "cls_token"}``).
+    So biases, norm scales, scalar temperatures and 1-D embeddings are never decayed; ND
+    positional/class embeddings are excluded by ``no_weight_decay``.
+    """
+    skip = set()
+    for prefix, mod in model.named_modules():
+        if hasattr(mod, "no_weight_decay"):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in mod.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with ``cfg.lr``, ``cfg.betas``, ``cfg.weight_decay``."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR applying :func:`lr_factor` (a closure, so its state_dict is plain data)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+
+class EMA:
+    """Exponential moving average of a model's state: ``e <- decay * e + (1 - decay) * p``.
+
+    Floating-point parameters and buffers are averaged, integer buffers copied. ``module`` is a
+    frozen deep copy usable for evaluation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.num_updates = decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        src = model.state_dict()
+        for k, e in self.module.state_dict().items():
+            if e.dtype.is_floating_point:
+                e.mul_(self.decay).add_(src[k].to(e.dtype), alpha=1.0 - self.decay)
+            else:
+                e.copy_(src[k])
+        self.num_updates += 1
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model``."""
+        model.load_state_dict(self.module.state_dict())
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.module.load_state_dict(state["module"])
+
+
+class _Autocast:
+    """bf16 autocast when enabled, else a no-op. Use as ``with ctx:`` or ``with ctx():``."""
+
+    def __init__(self, device_type: str, enabled: bool):
+        self.device_type, self.enabled = device_type, enabled
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.enabled else nullcontext()
+
+    def __enter__(self):
+        self._ctx = self()
+        return self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+
+def init_distributed(device: str = "cpu") -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1 in the environment):
+    gloo on CPU, nccl on CUDA (``cuda`` becomes ``cuda:<LOCAL_RANK>``). Otherwise a no-op."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return DistInfo(device=device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an initialised process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _plain(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+# ----------------------------------------------------------------------------- the engine
+
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
+StepFn = Callable[[nn.Module, Any, int, _Autocast], dict]
+
+
+class Trainer:
+    """Train ``model`` for ``cfg.steps`` optimizer steps on an in-memory dataset.
+
+    Args:
+        model: the model (moved to ``cfg.device``).
+        cfg: the recipe.
+        loss_fn: ``loss_fn(model, batch) -> (loss, metrics)``: a scalar mean loss over the
+            (micro-)batch and a dict of floats/0-d tensors.
+        data_size: number of items in the training set.
+        get_batch: ``get_batch(indices (b,) int64, generator) -> batch`` (a tensor, or a
+            tuple/dict of tensors with leading dim b); the generator is seeded by
+            ``(seed, step, rank)`` for reproducible augmentation.
+        kind: checkpoint kind (``"vit"``, ``"clip"`` ...); resume checks it.
+        model_config: plain dict to rebuild the model; stored in checkpoints, checked on resume.
+        extra: plain dict stored in checkpoints (e.g. tokenizer state).
+        step_fn: optional ``step_fn(model, batch, n_micro, autocast_ctx) -> metrics`` replacing
+            the default forward/backward for one step. It must leave in ``.grad`` the gradient of
+            the mean loss over its (per-rank) batch and return metrics including ``"loss"``;
+            the engine then all-reduces (DDP), clips, steps the optimizer, scheduler and EMA.
+            ``autocast_ctx`` works as ``with autocast_ctx:`` or ``with autocast_ctx():``.
+        resume_from: a checkpoint to restore before training (see :meth:`resume`), or
+            ``"auto"``: ``out_dir/checkpoint.pt`` if it exists, else start fresh.
+
+    Distributed: under torchrun the process group is joined, parameters are broadcast from
+    rank 0, each rank runs its contiguous slice of the global batch, and gradients are averaged
+    by an explicit all-reduce after backward (DDP semantics; it also holds when ``loss_fn``
+    calls sub-modules or ``step_fn`` runs its own backward). Only rank 0 logs and saves.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, loss_fn: LossFn | None = None,
+                 data_size: int = 0, get_batch: Callable[[torch.Tensor, torch.Generator], Any] | None = None,
+                 kind: str = "model", model_config: dict | None = None, extra: dict | None = None,
+                 step_fn: StepFn | None = None, resume_from: str | os.PathLike | None = None):
+        if loss_fn is None and step_fn is None:
+            raise ValueError("give loss_fn or step_fn")
+        if data_size < 1 or get_batch is None:
+            raise ValueError("give data_size >= 1 and get_batch")
+        self.cfg, self.loss_fn, self.step_fn, self.get_batch = cfg, loss_fn, step_fn, get_batch
+        self.data_size, self.kind = data_size, kind
+        self.model_config, self.extra = dict(model_config or {}), dict(extra or {})
+        self.dist = init_distributed(cfg.device)
+        w = self.dist.world_size
+        if cfg.batch_size % w or cfg.batch_size // w < cfg.grad_accum:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world_size={w} "
+                             f"and give each rank at least grad_accum={cfg.grad_accum} items")
+        self.device = torch.device(self.dist.device)
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if w > 1:
+            with torch.no_grad():
+                for t in self.model.state_dict().values():
+                    dist.broadcast(t, 0)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.autocast = _Autocast(self.device.type, cfg.bf16)
+        self.step = 0
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        self.ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
+        self._last_lr = lr_at(0, cfg)
+        if resume_from == "auto":
+            resume_from = self.ckpt_path if self.ckpt_path and self.ckpt_path.exists() else None
+        if resume_from is not None:
+            self.resume(resume_from)
+
+    # -- checkpoints
+
+    def state_dict(self) -> dict:
+        """The checkpoint payload (see :mod:`mmsys.checkpoint`)."""
+        return {"kind": self.kind, "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "rng": _get_rng_state(),
+                "config": asdict(self.cfg), "model_config": self.model_config, "extra": self.extra}
+
+    def save(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Atomically write a checkpoint (rank 0 only) to ``path`` or ``out_dir/checkpoint.pt``."""
+        path = Path(path) if path else self.ckpt_path
+        if path is None or not is_main_process():
+            return None
+        save_checkpoint(path, self.state_dict())
+        return path
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Restore model, optimizer, scheduler, EMA, RNG states and step from a checkpoint.
+
+        Raises CheckpointError if the file is unusable, of another kind, built with a
+        different ``model_config``, or lacks EMA state while ``cfg.ema_decay`` is set.
+        """
+        ck = load_checkpoint(path, expect_kind=self.kind,
+                             required=("step", "optimizer", "scheduler", "rng", "model_config"))
+        if _plain(ck["model_config"]) != _plain(self.model_config):
+            raise CheckpointError(f"checkpoint {path} was trained with model_config "
+                                  f"{ck['model_config']}, this run has {self.model_config}: "
+                                  f"use the same model config or start a new out_dir")
+        if self.ema is not None and not ck.get("ema"):
+            raise CheckpointError(f"checkpoint {path} has no EMA state but ema_decay is set: "
+                                  f"resume with the same ema_decay or start a new out_dir")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["ema"])
+            self.ema.decay = self.cfg.ema_decay  # this run's recipe wins
+        _set_rng_state(ck["rng"])
+        self.step = int(ck["step"])
+        self.extra = self.extra or dict(ck.get("extra") or {})
+
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate: the EMA copy when EMA is on, else the trained model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    # -- one step
+
+    def _train_step(self, step: int) -> dict:
+        cfg, d = self.cfg, self.dist
+        idx = rank_slice(batch_indices(step, self.data_size, cfg.batch_size, cfg.seed), d.rank, d.world_size)
+        gen = torch.Generator().manual_seed(_mix(cfg.seed, 1, step, d.rank))
+        torch.manual_seed(_mix(cfg.seed, 2, step, d.rank))  # dropout / noise inside loss_fn
+        batch = _to_device(self.get_batch(idx, gen), self.device, cfg.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.step_fn is not None:
+            metrics = dict(self.step_fn(self.model, batch, cfg.grad_accum, self.autocast))
+            if "loss" not in metrics:
+                raise KeyError("step_fn must return a metrics dict with a 'loss' entry")
+        else:
+            metrics, n = {}, len(idx)
+            for mb in split_batch(batch, cfg.grad_accum):
+                wgt = _batch_len(mb) / n
+                with self.autocast():
+                    loss, m = self.loss_fn(self.model, mb)
+                (loss * wgt).backward()
+                for k, v in {"loss": loss, **m}.items():
+                    v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                    metrics[k] = metrics.get(k, 0.0) + v * wgt
+        if d.world_size > 1:
+            self._allreduce_grads()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.grad_clip is not None:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).detach()
+        self._last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        if d.world_size > 1:
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return metrics
+
+    def _allreduce_grads(self) -> None:
+        """Average gradients over ranks, one flat all-reduce per dtype; a parameter without a
+        gradient on some rank contributes zeros (so every rank steps the same parameters)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for dtype in {p.grad.dtype for p in params}:
+            group = [p for p in params if p.grad.dtype == dtype]
+            flat = torch.cat([p.grad.reshape(-1) for p in group])
+            dist.all_reduce(flat)
+            flat /= self.dist.world_size
+            off = 0
+            for p in group:
+                p.grad.copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+
+    def _reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.dist.world_size == 1 or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(keys, (t / self.dist.world_size).tolist()))
+
+    # -- the loop
+
+    def _open_log(self, start_step: int) -> None:
+        """Start ``metrics.jsonl`` fresh, or on resume keep only lines up to ``start_step``."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path, kept = self.out_dir / "metrics.jsonl", []
+        if start_step > 0 and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError):
+                    pass
+        path.write_text("".join(kept))
+
+    def fit(self) -> dict:
+        """Train from ``self.step`` to ``cfg.steps`` (or until ``max_seconds``); return a summary
+        ``{kind, steps, start_step, wall_s, items_per_s, final_metrics, stopped_early, ...}``."""
+        cfg, main = self.cfg, is_main_process()
+        self.model.train()
+        start_step, t0 = self.step, time.perf_counter()
+        log = main and self.out_dir is not None
+        if log:
+            self._open_log(start_step)
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=self.kind, dynamic_ncols=True,
+                   disable=not (cfg.progress and main))
+        sums, n_win, t_win, record, stopped_early = {}, 0, time.perf_counter(), {}, False
+        while self.step < cfg.steps:
+            metrics = self._train_step(self.step)
+            self.step += 1
+            bar.update(1)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_win += 1
+            time_up = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+            if cfg.max_seconds is not None and self.dist.world_size > 1:  # ranks stop together
+                flag = torch.tensor([float(time_up)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                time_up = bool(flag.item())
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or time_up:
+                now = time.perf_counter()
+                means = self._reduce_mean({k: float(v) / n_win for k, v in sums.items()})
+                record = {"step": self.step, "loss": means.pop("loss", float("nan")), "lr": self._last_lr,
+                          "items_per_s": n_win * cfg.batch_size / max(now - t_win, 1e-9), **means,
+                          "elapsed_s": now - t0}
+                if not math.isfinite(record["loss"]):
+                    bar.close()
+                    raise FloatingPointError(f"{self.kind}: loss is {record['loss']} at step {self.step}; "
+                                             f"lower lr, check the data, or turn off bf16")
+                if log:
+                    with open(self.out_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                items_s=f"{record['items_per_s']:.0f}")
+                sums, n_win, t_win = {}, 0, now
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                self.save()
+            if time_up and self.step < cfg.steps:
+                stopped_early = True
+                break
+        bar.close()
+        wall = time.perf_counter() - t0
+        ckpt = self.save() if self.step > start_step else self.ckpt_path
+        ckpt = ckpt if ckpt is not None and ckpt.exists() else None
+        summary = {"kind": self.kind, "steps": self.step, "target_steps": cfg.steps, "start_step": start_step,
+                   "wall_s": wall, "items_per_s": (self.step - start_step) * cfg.batch_size / max(wall, 1e-9),
+                   "final_metrics": record, "stopped_early": stopped_early, "max_seconds": cfg.max_seconds,
+                   "checkpoint": str(ckpt) if ckpt else None, "world_size": self.dist.world_size,
+                   "device": str(self.device), "bf16": cfg.bf16}
+        if log:
+            (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
