@@ -133,7 +133,7 @@ def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progr
                       kind="clip", model_config=model_config, extra=extra)
     summary = trainer.fit()
     model = trainer.eval_model().eval()
-    summary.update(temperature=model.temperature(), logit_scale=float(model.scale()),
+    summary.update(temperature=model.temperature(), logit_scale=float(model.scale().detach()),
                    vocab_size=len(tok), n_unique_image_keys=int(pairs.image_keys.unique().numel()))
     return model, tok, summary
 
@@ -201,7 +201,7 @@ def evaluate_world(model, tok, test, heldout) -> tuple[dict, dict]:
     metrics.update({f"i2i_{k}": i2i[k] for k in ("P@1", "P@5", "P@10")})
     probes = run_probes(img, scenes, lambda texts: encode_texts(model, tok, texts))
     metrics.update({f"probe_{p}": v["rate"] for p, v in probes.items()})
-    metrics.update(temperature=model.temperature(), logit_scale=float(model.scale()))
+    metrics.update(temperature=model.temperature(), logit_scale=float(model.scale().detach()))
     info = {"probes": probes, "probe_chance": 0.5,
             "zeroshot_protocol": f"{len(heldout)} held-out single-object images, classes = all {len(names)} "
                                  f"(colour, shape) compositions, prompt ensemble {list(TEMPLATES)}",
@@ -362,8 +362,8 @@ def run_quick(ctx: RunContext) -> RunResult:
     t1 = time.perf_counter()
     metrics, more = evaluate_world(model, tok, test, heldout)
     info.update(more, eval_s=time.perf_counter() - t1, duplicates=DUPLICATES, accumulation=ACCUMULATION,
-                temperature=model.temperature(), logit_scale=float(model.scale()))
-    ctx.log(f"temperature {model.temperature():.4f} (logit scale {float(model.scale()):.1f}); "
+                temperature=model.temperature(), logit_scale=float(model.scale().detach()))
+    ctx.log(f"temperature {model.temperature():.4f} (logit scale {float(model.scale().detach()):.1f}); "
             f"zero-shot top-5 {metrics['zeroshot_top5']:.3f}, t2i R@10 {metrics['t2i_R@10']:.3f}")
     figs = make_figures(model, tok, test, ctx, before)
     return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in (train, test, heldout)],
@@ -382,7 +382,7 @@ def run_full(ctx: RunContext) -> RunResult:
     metrics, _, _, _ = retrieval(model, tok, val)
     cimg = encode_images(model, resize_uint8(cifar.images, recipe.model["image_size"]))
     metrics.update(zero_shot(model, tok, cimg, cifar.labels, list(CIFAR10_CLASSES)))
-    metrics.update(temperature=model.temperature(), logit_scale=float(model.scale()))
+    metrics.update(temperature=model.temperature(), logit_scale=float(model.scale().detach()))
     info.update(duplicates=DUPLICATES, accumulation=ACCUMULATION, temperature=model.temperature())
     figs = make_figures(model, tok, val, ctx, before)
     return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in (train, val, cifar)],

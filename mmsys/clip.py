@@ -181,7 +181,7 @@ class CLIP(nn.Module):
 
     def temperature(self) -> float:
         """T = 1 / logit scale, as reported."""
-        return 1.0 / float(self.scale())
+        return 1.0 / float(self.scale().detach())
 
     def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """(B, E), (B', E) -> logits_per_image (B, B') = scale * cosine similarities."""

@@ -160,7 +160,7 @@ def test_beam_max_length_and_early_eos():
     # a model that prefers <eos> finishes early, and every finished hypothesis ends there
     m.head.bias = torch.nn.Parameter(torch.zeros(V))
     with torch.no_grad():
-        m.head.bias[EOS_ID] = 0.3
+        m.head.bias[EOS_ID] = 1.0
     ids, hyps = m.beam_search(x, beam=3, max_len=12, return_scores=True)
     assert ids.shape[1] < 13
     for h in hyps:
