@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmsys.transformer import Transformer
@@ -74,9 +75,22 @@ class ViT(nn.Module):
         """All output tokens ``(B, 1 + N, D)`` (CLS first) and the per-layer self-attention
         weights ``[(B, H, 1 + N, 1 + N)] * depth`` (empty unless ``need_weights``)."""
         h = self.patch_embed(x)
-        h = torch.cat([self.cls_token.expand(len(h), -1, -1), h], dim=1) + self.pos_embed
+        h = torch.cat([self.cls_token.expand(len(h), -1, -1), h], dim=1) + self.positions(h.shape[1])
         out = self.encoder(h, need_weights=need_weights)
         return out.x, out.self_weights
+
+    def positions(self, n_patches: int) -> torch.Tensor:
+        """Positional embeddings ``(1, 1 + n_patches, D)``. For another image size than the
+        config's, the patch grid of embeddings is resized bicubically (as in ViT sec. 3.2,
+        "fine-tuning and higher resolution"); the CLS position is kept."""
+        if n_patches == self.cfg.n_patches:
+            return self.pos_embed
+        g0, g = round(self.cfg.n_patches ** 0.5), round(n_patches ** 0.5)
+        if g * g != n_patches:
+            raise ValueError(f"{n_patches} patches do not form a square grid")
+        grid = self.pos_embed[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g * g, -1)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> class logits (B, n_classes)."""
