@@ -24,7 +24,7 @@ from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
-    "quick": {"test_accuracy": 0.95},  # issue asks >= 0.90; raised to what a correct run clears
+    "quick": {"test_accuracy": 0.90},  # the spec's value; a correct run measured 0.912 (not raised: no margin)
     "full": {"test_accuracy": 0.70},  # CIFAR-10 test accuracy > 70 % (the spec)
 }
 
@@ -35,9 +35,12 @@ class M1Recipe:
     data: str = "world"  # "world" (embedded) or "cifar10"
     n_train: int | None = 20_000  # None = the whole training split
     n_test: int | None = 2_000
-    model: dict = field(default_factory=lambda: dict(image_size=32, patch_size=4, dim=96, depth=4, n_heads=4,
+    # 8x8 patches (16 tokens): on the world the CLS token must find one small object; with 64
+    # tokens of 4x4 the ViT learned ~3x slower per second (measured: train acc 0.25 vs 0.36 at
+    # step 200-250), so the quick recipe trades resolution for steps.
+    model: dict = field(default_factory=lambda: dict(image_size=32, patch_size=8, dim=128, depth=4, n_heads=4,
                                                      mlp_ratio=2.0, n_classes=10))
-    steps: int = 900
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -48,7 +51,7 @@ class M1Recipe:
     bf16: bool = False
     low_res: int = 0  # progressive resizing: train at this size first (0 = off) ...
     low_res_until: float = 0.0  # ... for this fraction of the steps, then at full size
-    max_minutes: float | None = 4.0  # time budget: stop early (stated in the report)
+    max_minutes: float | None = None  # optional time budget: stop early (stated in the report)
 
 
 RECIPES = {

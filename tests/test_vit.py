@@ -80,3 +80,14 @@ def test_rollout_golden():
     r = attention_rollout([A])
     expected = torch.tensor([0.25, 0.15]) / 0.4
     assert torch.allclose(r[0], expected, atol=1e-6)
+
+
+def test_positions_resized_for_other_image_sizes():
+    torch.manual_seed(0)
+    m = ViT(CFG)
+    assert m.positions(16) is m.pos_embed
+    p4 = m.positions(4)  # 2x2 grid from the 4x4 grid, CLS position kept
+    assert p4.shape == (1, 5, 32) and torch.equal(p4[:, 0], m.pos_embed[:, 0])
+    assert m(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match="square"):
+        m.positions(5)
