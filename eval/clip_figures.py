@@ -19,6 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
+FRAME = {0: "red", 1: "gold", 2: "limegreen"}
+
+
 def _hwc(img: torch.Tensor):
     """uint8 (3, H, W) -> numpy (H, W, 3) for imshow."""
     return img.permute(1, 2, 0).cpu().numpy()
@@ -29,10 +32,10 @@ def similarity_heatmap(sim: torch.Tensor, images: torch.Tensor, captions: list[s
     """sim: (B, B) cosines (rows = images, columns = captions); images: (B, 3, H, W) uint8."""
     B = len(sim)
     fig = plt.figure(figsize=(2.0 + 0.55 * B, 2.6 + 0.55 * B))
-    ax = fig.add_axes([0.30, 0.05, 0.62, 0.62])
+    ax = fig.add_axes([0.24, 0.04, 0.64, 0.62])
     im = ax.imshow(sim.float().cpu().numpy(), cmap="viridis")
     ax.set_xticks(range(B))
-    ax.set_xticklabels([textwrap.shorten(c, 38) for c in captions], rotation=90, fontsize=7)
+    ax.set_xticklabels([textwrap.shorten(c, 56) for c in captions], rotation=90, fontsize=7)
     ax.xaxis.tick_top()
     ax.set_yticks([])
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
@@ -53,7 +56,8 @@ def retrieval_grid(queries: list[str], images: torch.Tensor, path, correct: torc
                    scores: torch.Tensor | None = None, query_images: torch.Tensor | None = None,
                    title: str = "text -> image retrieval") -> Path:
     """queries: Q strings; images: (Q, k, 3, H, W) uint8 top-k per query; correct: (Q, k) bool
-    (green frame); scores: (Q, k) cosines; query_images: (Q, 3, H, W) for image->image rows."""
+    or int (0 = wrong: red frame, 1 = a duplicate of the right answer: gold, 2 or True = right:
+    green); scores: (Q, k) cosines; query_images: (Q, 3, H, W) for image->image rows."""
     Q, k = images.shape[:2]
     extra = 1 if query_images is not None else 0
     fig, axes = plt.subplots(Q, k + extra, figsize=(1.25 * (k + extra) + 2.6, 1.45 * Q + 0.5), squeeze=False)
@@ -65,7 +69,8 @@ def retrieval_grid(queries: list[str], images: torch.Tensor, path, correct: torc
             ax = axes[q, j + extra]
             ax.imshow(_hwc(images[q, j]))
             if correct is not None:
-                colour = "limegreen" if bool(correct[q, j]) else "red"
+                c = correct[q, j]
+                colour = FRAME[2 if c.dtype == torch.bool and bool(c) else int(c)]
                 for s in ax.spines.values():
                     s.set_edgecolor(colour)
                     s.set_linewidth(3)
@@ -95,16 +100,18 @@ def embedding_scatter(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], path
                       colours: torch.Tensor | None = None, title: str = "shared embedding space (PCA)") -> Path:
     """panels: name -> (image_emb (N, E), text_emb (N, E)) with row i a matching pair.
     Each panel fits one PCA on images and texts together; dots = images, crosses = texts;
-    ``colours`` (N,) int colours points by a class (e.g. the object's colour)."""
+    ``colours``: (N,) int class per pair (tab10), or (N, 3) RGB in [0, 1] (e.g. the object's colour)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
     for ax, (name, (img, txt)) in zip(axes[0], panels.items()):
         n = len(img)
         xy = pca_2d(torch.cat([img, txt])).numpy()
         c = colours.numpy() if colours is not None else None
+        kw = {"cmap": "tab10"} if c is not None and c.ndim == 1 else {}
         for i in range(min(n, 60)):  # a few pair links
             ax.plot([xy[i, 0], xy[n + i, 0]], [xy[i, 1], xy[n + i, 1]], color="0.8", lw=0.5, zorder=0)
-        ax.scatter(xy[:n, 0], xy[:n, 1], c=c, cmap="tab10", s=14, marker="o", label="images")
-        ax.scatter(xy[n:, 0], xy[n:, 1], c=c, cmap="tab10", s=22, marker="x", label="texts")
+        ax.scatter(xy[:n, 0], xy[:n, 1], c=c, s=16, marker="o", edgecolors="0.3", linewidths=0.4,
+                   label="images", **kw)
+        ax.scatter(xy[n:, 0], xy[n:, 1], c=c, s=26, marker="x", label="texts", **kw)
         ax.set_title(name)
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(title)

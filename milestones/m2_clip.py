@@ -37,7 +37,7 @@ from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
     # issue: zero-shot top-5 > 0.60 and text->image R@10 > 0.50; raised to what a correct run clears
-    "quick": {"zeroshot_top5": 0.80, "t2i_R@10": 0.70},
+    "quick": {"zeroshot_top5": 0.80, "t2i_R@10": 0.85},
     # the spec: CIFAR-10 zero-shot top-5 > 60 %; COCO val2017 (5k images) text->image R@10 > 50 %
     "full": {"zeroshot_top5": 0.60, "t2i_R@10": 0.50},
 }
@@ -54,10 +54,10 @@ class M2Recipe:
     n_test: int | None = 2_000
     n_heldout: int | None = 1_000
     model: dict = field(default_factory=lambda: dict(
-        image_tower="vit", image_size=32, patch_size=4, vision_dim=96, vision_depth=3, vision_heads=4,
+        image_tower="vit", image_size=32, patch_size=8, vision_dim=96, vision_depth=4, vision_heads=4,
         context_length=32, text_dim=96, text_depth=2, text_heads=4, mlp_ratio=2.0, embed_dim=96))
     min_freq: int = 1  # tokenizer: words seen fewer times map to <unk>
-    steps: int = 700
+    steps: int = 500
     batch_size: int = 256
     grad_accum: int = 1  # > 1: GradCache micro-batches (same loss and gradient, less memory)
     lr: float = 2e-3
@@ -66,7 +66,7 @@ class M2Recipe:
     min_lr_ratio: float = 0.05
     bf16: bool = False
     mask_duplicates: bool = True
-    max_minutes: float | None = 3.2  # time budget: stop early (stated in the report)
+    max_minutes: float | None = None  # optional time budget (steps are sized for ~2.5 min idle)
 
 
 RECIPES = {
@@ -211,7 +211,8 @@ def evaluate_world(model, tok, test, heldout) -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------ figures
 def make_figures(model, tok, split, ctx: RunContext, before=None, k: int = 8) -> list[str]:
-    """Similarity heatmap (12 test pairs), retrieval grid (6 queries, top-k), embedding scatter."""
+    """Similarity heatmap (12 test pairs), retrieval grids (6 text queries and 4 image queries,
+    top-k each), embedding scatter before/after training (when ``before`` embeddings are given)."""
     from eval.clip_figures import embedding_scatter, retrieval_grid, similarity_heatmap
     from mmsys.clip import encode_images, encode_texts
     n = 12
@@ -223,13 +224,34 @@ def make_figures(model, tok, split, ctx: RunContext, before=None, k: int = 8) ->
     truth = torch.arange(0, 6 * 7, 7)
     sims = encode_texts(model, tok, queries) @ gallery.T
     top = sims.topk(k, dim=1)
+    grade = (top.indices == truth[:, None]).long() * 2
+    title = "text -> image: top-8 of the test split (green = the captioned image)"
+    if "scenes" in split.meta:  # gold: a different image with the same canonical description
+        keys = world_image_keys(split.meta["scenes"])
+        grade = torch.maximum(grade, (keys[top.indices] == keys[truth][:, None]).long())
+        title = title[:-1] + ", gold = same canonical description)"
     figs.append(retrieval_grid(queries, split.images[top.indices], ctx.path("retrieval_grid.png"),
-                               correct=top.indices == truth[:, None], scores=top.values,
-                               title="text -> image: top-8 of the test split (green = the captioned image)"))
+                               correct=grade, scores=top.values, title=title))
+    qi = torch.arange(4) * 11  # image -> image: 4 query images, their top-k others
+    sims = gallery[qi] @ gallery.T
+    sims[torch.arange(4), qi] = float("-inf")
+    top = sims.topk(k, dim=1)
+    same = None
+    if "scenes" in split.meta:
+        from mmsys.data.world import composition_label
+        lab = composition_label(split.meta["scenes"])
+        same = lab[top.indices] == lab[qi][:, None]
+    figs.append(retrieval_grid([f"test image {i}" for i in qi.tolist()], split.images[top.indices],
+                               ctx.path("retrieval_grid_image.png"), correct=same, scores=top.values,
+                               query_images=split.images[qi],
+                               title="image -> image: top-8 (green = same colour and shape of object A)"))
     if before is not None:
         m = len(before[0])
         after = (gallery[:m], encode_texts(model, tok, [cs[0] for cs in split.captions[:m]]))
-        colours = split.meta["scenes"]["colour"][:m, 0] if "scenes" in split.meta else None
+        colours = None
+        if "scenes" in split.meta:
+            from mmsys.data.world import RGB
+            colours = RGB[split.meta["scenes"]["colour"][:m, 0]] / 255
         figs.append(embedding_scatter({"before training": before, "after training": after},
                                       ctx.path("embedding_scatter.png"), colours=colours,
                                       title="images (o) and captions (x) in the shared space, PCA; colour = object colour"))
@@ -250,8 +272,8 @@ def _coco_root(data_root: Path | None) -> Path:
     raise DataMissingError(need + f"; nothing found under {data_root}")
 
 
-def load_full_data(ctx: RunContext, recipe: M2Recipe):
-    """(coco train2017, coco val2017 (5k), cifar10 test) — all checked before any training."""
+def load_full_data(ctx: RunContext, recipe: M2Recipe, need_train: bool = True):
+    """(coco train2017 or None, coco val2017 (5k), cifar10 test) — all checked before any training."""
     from mmsys.data.cifar import load_cifar10
     from mmsys.data.coco import load_coco_captions
     from mmsys.data.split import DataMissingError
@@ -262,7 +284,7 @@ def load_full_data(ctx: RunContext, recipe: M2Recipe):
                                f"gate is measured on; for a small copy such as coco-mini run "
                                f"`python -m milestones.m2_clip coco-smoke --data-root <folder>` instead")
     cifar = load_cifar10(ctx.data_root, "test", download=ctx.download)
-    train = load_coco_captions(root, "train2017", size, limit=recipe.n_train)
+    train = load_coco_captions(root, "train2017", size, limit=recipe.n_train) if need_train else None
     return train, val, cifar
 
 
@@ -338,6 +360,7 @@ def _train_or_load(ctx, recipe, train, extra, before_items=None):
 
     if ctx.checkpoint:
         model, tok, ck = load_clip(ctx.checkpoint)
+        model = model.to(ctx.device)
         torch.manual_seed(ctx.seed)  # the "before" panel: a fresh init of the same architecture
         on_init(CLIP(CLIPConfig(**ck["model_config"])), tok)
         return model, tok, str(ctx.checkpoint), {"loaded_step": ck.get("step")}, before.get("emb")
@@ -345,6 +368,7 @@ def _train_or_load(ctx, recipe, train, extra, before_items=None):
     model, tok, summary = train_clip(recipe, train, ctx.seed, ctx.out_dir, ctx.progress, ctx.device,
                                      on_init, extra)
     summary["train_call_s"] = time.perf_counter() - t0
+    summary["duplicate_pairs_masked_share"] = summary["final_metrics"].get("masked_frac")
     return model, tok, str(ctx.path("checkpoint.pt")), {"training": summary}, before.get("emb")
 
 
@@ -352,10 +376,10 @@ def run_quick(ctx: RunContext) -> RunResult:
     from mmsys.data.world import WorldConfig, make_split
     recipe = RECIPES["quick"]
     t0 = time.perf_counter()
-    train = make_split("train", recipe.n_train)
+    train = None if ctx.checkpoint else make_split("train", recipe.n_train)  # evaluating only: not needed
     test, heldout = make_split("test", recipe.n_test), make_split("heldout", recipe.n_heldout)
-    ctx.log(f"data: {train.name} {len(train)}, {test.name} {len(test)}, {heldout.name} {len(heldout)} "
-            f"({time.perf_counter() - t0:.1f} s)")
+    splits = [s for s in (train, test, heldout) if s is not None]
+    ctx.log("data: " + ", ".join(f"{s.name} {len(s)}" for s in splits) + f" ({time.perf_counter() - t0:.1f} s)")
     index = {"dataset": "world", "split": "test", "n": len(test), "world_config": asdict(WorldConfig())}
     model, tok, ckpt, info, before = _train_or_load(
         ctx, recipe, train, {"index": index}, (test.images[:300], [cs[0] for cs in test.captions[:300]]))
@@ -366,7 +390,7 @@ def run_quick(ctx: RunContext) -> RunResult:
     ctx.log(f"temperature {model.temperature():.4f} (logit scale {float(model.scale().detach()):.1f}); "
             f"zero-shot top-5 {metrics['zeroshot_top5']:.3f}, t2i R@10 {metrics['t2i_R@10']:.3f}")
     figs = make_figures(model, tok, test, ctx, before)
-    return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in (train, test, heldout)],
+    return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits],
                      checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": "quick"}, figures=figs)
 
 
@@ -374,8 +398,9 @@ def run_full(ctx: RunContext) -> RunResult:
     from mmsys.clip import encode_images
     from mmsys.data.cifar import CIFAR10_CLASSES
     recipe = RECIPES["full"]
-    train, val, cifar = load_full_data(ctx, recipe)
-    ctx.log(f"data: {train.name} {len(train)}, {val.name} {len(val)}, {cifar.name} {len(cifar)}")
+    train, val, cifar = load_full_data(ctx, recipe, need_train=not ctx.checkpoint)
+    splits = [s for s in (train, val, cifar) if s is not None]
+    ctx.log("data: " + ", ".join(f"{s.name} {len(s)}" for s in splits))
     index = {"dataset": "coco", "split": "val2017", "root": str(_coco_root(ctx.data_root))}
     model, tok, ckpt, info, before = _train_or_load(
         ctx, recipe, train, {"index": index}, (val.images[:300], [cs[0] for cs in val.captions[:300]]))
@@ -385,7 +410,7 @@ def run_full(ctx: RunContext) -> RunResult:
     metrics.update(temperature=model.temperature(), logit_scale=float(model.scale().detach()))
     info.update(duplicates=DUPLICATES, accumulation=ACCUMULATION, temperature=model.temperature())
     figs = make_figures(model, tok, val, ctx, before)
-    return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in (train, val, cifar)],
+    return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits],
                      checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": "full"}, figures=figs)
 
 

@@ -241,7 +241,9 @@ def test_trainer_with_gradcache_matches_no_accumulation():
         cfg = TrainConfig(steps=2, batch_size=8, lr=1e-3, grad_accum=accum, progress=False)
         Trainer(model, cfg, step_fn=gradcache_step, data_size=16, get_batch=pairs.get_batch, kind="clip").fit()
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.allclose(params[0], params[1], atol=1e-5)
+    # Adam turns float noise in the (theoretically zero) key-bias gradients into ~1e-5 steps;
+    # real updates are ~lr = 1e-3
+    assert torch.allclose(params[0], params[1], atol=5e-5)
 
 
 def test_paired_captions_batch():
@@ -263,17 +265,18 @@ def test_paired_captions_batch():
 def test_retrieval_and_zero_shot_metrics_known_answers():
     from eval.retrieval import image_to_text_recall, text_to_image_recall, zero_shot_topk
     img = torch.eye(4)
-    # 8 captions, 2 per image; caption 7 (of image 3) points at image 0; caption 5 is halfway
+    # 8 captions, 2 per image; caption 7 (of image 3) ranks image 0 first, image 3 second;
+    # caption 5 (of image 2) ranks image 3 first, image 2 second
     txt = torch.eye(4).repeat_interleave(2, dim=0)
     txt[7] = torch.tensor([1.0, 0, 0, 0.2])
-    txt[5] = torch.tensor([0.0, 0, 1.0, 0.9])  # image 2 ranks first, image 2's index is 2: a miss at R@1
+    txt[5] = torch.tensor([0.0, 0, 0.9, 1.0])
     t2i = torch.arange(4).repeat_interleave(2)
     r = text_to_image_recall(txt, img, t2i, ks=(1, 2))
     assert r["R@1"] == pytest.approx(6 / 8) and r["R@2"] == pytest.approx(1.0)
     r = image_to_text_recall(img, txt, t2i, ks=(1,))
     assert r["R@1"] == pytest.approx(1.0)  # image 3 still has caption 6
     labels = torch.tensor([0, 1, 2, 3])
-    classes = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # classes 1, 2 swapped
+    classes = torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 1, 0], [0, 1, 0.5, 0], [0, 0, 0, 1]])  # 1, 2 confused
     z = zero_shot_topk(img, classes, labels, ks=(1, 2))
     assert z["top1"] == pytest.approx(0.5) and z["top2"] == pytest.approx(1.0)
 
@@ -334,3 +337,25 @@ def test_retrieve_cli_writes_grid(tmp_path):
     out2 = tmp_path / "grid2.png"
     assert main(["--image", "test:3", "-k", "3", "--checkpoint", str(ckpt), "--out", str(out2)]) == 0
     assert out2.is_file()
+
+
+# ----------------------------------------------------------------------------- COCO path (real format)
+
+@pytest.mark.slow
+def test_coco_path_end_to_end_on_coco_mini(tmp_path):
+    """Load COCO-format captions (coco-mini), train a few GradCache steps, evaluate retrieval on
+    val2017, save a checkpoint and query it with the retrieval CLI."""
+    from milestones.m2_clip import coco_smoke
+    from mmsys.data.paths import shared_data_root
+    from mmsys.retrieve import main
+    root = shared_data_root()
+    if root is None or not (root / "coco-mini" / "annotations" / "captions_train2017.json").is_file():
+        pytest.skip("coco-mini not available (../shared/data/coco-mini)")
+    report = coco_smoke(root / "coco-mini", tmp_path / "run", steps=2)
+    assert report["datasets"][0]["n_images"] == 80 and report["datasets"][1]["n_images"] == 159
+    assert report["training"]["steps"] == 2 and report["metrics"]["n_gallery_images"] == 159
+    assert 0 <= report["metrics"]["t2i_R@10"] <= 1 and (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert (tmp_path / "run" / "coco_smoke.json").is_file()
+    out = tmp_path / "q.png"
+    assert main(["a man riding a horse", "-k", "5", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                 "--out", str(out)]) == 0 and out.is_file()
