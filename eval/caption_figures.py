@@ -50,28 +50,35 @@ def caption_attention_figure(images: torch.Tensor, ids: torch.Tensor, maps: torc
 
     rows = word_maps(ids, maps, tokenizer.vocab, tokenizer.eos_id, tokenizer.pad_id)
     n_cols = 1 + min(max_words, max(len(r) for r in rows))
-    B = len(images)
-    fig, axes = plt.subplots(B, n_cols, figsize=(1.6 * n_cols, 1.9 * B), squeeze=False)
-    S = images.shape[-1]
+    B, S = len(images), images.shape[-1]
+    fig, axes = plt.subplots(B, n_cols, figsize=(1.3 * n_cols, 1.75 * B), squeeze=False)
     for b in range(B):
-        img = images[b].permute(1, 2, 0).numpy()
         big = F.interpolate(images[b:b + 1].float(), scale_factor=upsample, mode="nearest")[0]
         big = big.permute(1, 2, 0).byte().numpy()
         ax = axes[b, 0]
-        ax.imshow(img, interpolation="nearest")
-        ax.set_title(tokenizer.decode(ids[b].tolist()), fontsize=7, loc="left", wrap=True)
-        for c, (word, m) in enumerate(rows[b][:max_words], start=1):
+        ax.imshow(big)
+        ax.set_title("input", fontsize=7)
+        ax.text(0.0, -0.06, f'"{tokenizer.decode(ids[b].tolist())}"', transform=ax.transAxes,
+                ha="left", va="top", fontsize=8)
+        words = rows[b][:max_words]
+        vmax = max((float(m.max()) for _, m in words), default=1.0) or 1.0  # one scale per image
+        for c, (word, m) in enumerate(words, start=1):
             heat = F.interpolate(m[None, None].float(), size=(S * upsample, S * upsample),
                                  mode="bilinear", align_corners=False)[0, 0]
             ax = axes[b, c]
             ax.imshow(big)
-            ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=float(heat.max()) or 1.0)
-            ax.set_title(f"{word}\n({float(m.sum()):.0%} on patches)", fontsize=7)
+            ax.imshow(heat.numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=vmax)
+            ax.set_title(word, fontsize=8)
         for ax in axes[b]:
-            ax.axis("off")
-    fig.suptitle("generated caption and, per word, the decoder's cross-attention over the patches "
-                 "(mean of heads and blocks; the CLS token's share is left out)", fontsize=8)
-    fig.tight_layout()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+    fig.suptitle("generated caption (beam search) and, per word, where the decoder looked when it chose "
+                 "that word: cross-attention over the patches, heads and blocks averaged, one colour "
+                 "scale per image", fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.5 / (1.75 * B), bottom=0.25 / (1.75 * B),
+                        wspace=0.06, hspace=0.45)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

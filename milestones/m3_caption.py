@@ -18,7 +18,8 @@ Interface an implementation must provide (``--impl`` swaps the ``mmsys`` package
         encode(images) -> (B,1+N,Dv); greedy(images, max_len) -> ids (B,L');
         beam_search(images, beam, max_len, alpha) -> ids (B,L');
         cross_attention(images, ids) -> (B, L'-1, g, g)
-    mmsys.captioner.caption_loss, encode_caption_sets, sample_caption_sets, load_captioner
+    mmsys.captioner.caption_loss, encode_caption_sets, caption_pairs, gather_captions,
+        load_captioner
     mmsys.text.Tokenizer, mmsys.train.Trainer / TrainConfig, mmsys.data.world.make_split,
     mmsys.data.coco.load_coco_captions, eval.captions.score_captions
 """
@@ -31,27 +32,34 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
+from mmsys.captioner import COCO_CONFIG, CaptionerConfig
 
 # ------------------------------------------------------------------ thresholds (the one place)
+# quick: raised from the issue's 0.30 / 0.80. On the world, one constant caption for every image
+# ("a picture of a large purple heart at the bottom") already scores BLEU-4 0.28 / CIDEr-D 0.49,
+# so 0.30 would barely separate a blind model; the recipe measures about 0.54 / 3.2 (beam 3), and
+# the canonical caption of each scene (an oracle) 0.86 / 5.5.
 THRESHOLDS = {
-    "quick": {"BLEU-4": 0.30, "CIDEr": 0.80},  # the issue's numbers; see README for measured
+    "quick": {"BLEU-4": 0.45, "CIDEr": 2.0},
     "full": {"BLEU-4": 0.30, "CIDEr": 0.80},  # COCO Karpathy-style test split (the spec)
 }
 
 
 # ------------------------------------------------------------------ training recipes
+def model_dict(cfg: CaptionerConfig) -> dict:
+    """A model configuration without its vocabulary size (that comes from the tokenizer)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "vocab_size"}
+
+
 @dataclass
 class M3Recipe:
     data: str = "world"  # "world" (embedded) or "coco"
     n_train: int | None = 10_240  # training images (None = the whole split)
     n_test: int | None = 500  # test images scored (None = the whole test split)
-    model: dict = field(default_factory=lambda: dict(
-        max_len=24, image_size=32, patch_size=4, enc_dim=128, enc_depth=3, enc_heads=4,
-        enc_mlp_ratio=2.0, dim=128, depth=2, n_heads=4, mlp_ratio=4.0, dropout=0.1, tie_head=True))
+    model: dict = field(default_factory=lambda: model_dict(CaptionerConfig()))
     min_freq: int = 1  # tokenizer: words seen fewer times in training captions map to <unk>
-    captions_per_image: int = 5  # captions per image per step (one encoder pass shared)
     steps: int = 600
-    batch_size: int = 32  # images per step (x captions_per_image sequences)
+    batch_size: int = 128  # (image, caption) pairs per step; an epoch visits every pair once
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 40
@@ -68,9 +76,7 @@ RECIPES = {
     "quick": M3Recipe(),
     "full": M3Recipe(
         data="coco", n_train=None, n_test=None, min_freq=5,
-        model=dict(max_len=32, image_size=128, patch_size=16, enc_dim=384, enc_depth=6, enc_heads=6,
-                   enc_mlp_ratio=4.0, dim=384, depth=4, n_heads=6, mlp_ratio=4.0, dropout=0.1,
-                   tie_head=True),
+        model=model_dict(COCO_CONFIG),
         steps=60_000, batch_size=128, lr=5e-4, warmup_steps=2_000, ema_decay=0.999, bf16=True,
         max_gen=30, max_minutes=None),
 }
@@ -78,7 +84,7 @@ RECIPES = {
 COCO_SMOKE = replace(RECIPES["full"], model=dict(RECIPES["full"].model, image_size=64, patch_size=16,
                                                  enc_dim=64, enc_depth=1, enc_heads=2, dim=64,
                                                  depth=1, n_heads=2),
-                     min_freq=1, steps=30, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=None,
+                     min_freq=1, steps=150, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=None,
                      bf16=False, max_gen=16, decode_batch=64, max_minutes=2.0)
 
 
@@ -96,7 +102,7 @@ def coco_splits(root, image_size: int, limit: int | None = None):
         ids = val_all.meta["image_ids"][sl]
         parts.append(DataSplit(f"coco/val2017-{name}", val_all.images[sl], captions=val_all.captions[sl],
                                identity={**val_all.identity, "karpathy_style": f"{name} half of val2017 "
-                                         "(present images sorted by id)", "n_images": len(ids)},
+                                         "(present images sorted by id)"},
                                meta={"image_ids": ids, "file_names": val_all.meta["file_names"][sl]}))
     return train, parts[0], parts[1]
 
@@ -121,14 +127,12 @@ def load_data(recipe: M3Recipe, ctx: RunContext):
 
 
 # ------------------------------------------------------------------ train / load
-def train(recipe: M3Recipe, train_split, ctx: RunContext, causal: bool = True, blind: bool = False):
+def train(recipe: M3Recipe, train_split, ctx: RunContext):
     """Train a captioner with the shared engine (teacher forcing, all captions of each image).
-
-    ``causal=False`` / ``blind=True`` plant bugs for the gate-honesty tests: no causal mask in
-    training, or the image features zeroed (cross-attention cut). Returns (model, tokenizer,
-    trainer summary)."""
-    from mmsys.captioner import (Captioner, CaptionerConfig, caption_loss, encode_caption_sets,
-                                 sample_caption_sets)
+    Returns (model, tokenizer, trainer summary). (The gate-honesty tests plant bugs by patching
+    ``mmsys.captioner.caption_loss`` or ``Captioner.encode``, looked up here at call time.)"""
+    from mmsys import captioner
+    from mmsys.captioner import Captioner, CaptionerConfig, caption_pairs, encode_caption_sets, gather_captions
     from mmsys.data.split import to_float
     from mmsys.text import Tokenizer
     from mmsys.train import TrainConfig, Trainer
@@ -136,6 +140,7 @@ def train(recipe: M3Recipe, train_split, ctx: RunContext, causal: bool = True, b
     tok = Tokenizer.train((c for caps in train_split.captions for c in caps), min_freq=recipe.min_freq)
     mcfg = CaptionerConfig(vocab_size=len(tok), **recipe.model)
     ids, count = encode_caption_sets(tok, train_split.captions, mcfg.max_len)
+    pair_image, pair_caption = caption_pairs(count)  # one training item per (image, caption)
     torch.manual_seed(ctx.seed)
     model = Captioner(mcfg)
     images = train_split.images
@@ -146,16 +151,14 @@ def train(recipe: M3Recipe, train_split, ctx: RunContext, causal: bool = True, b
                       log_every=25, max_seconds=recipe.max_minutes * 60 if recipe.max_minutes else None)
 
     def get_batch(idx, g):
-        c, pad = sample_caption_sets(ids, count, idx, recipe.captions_per_image, g)
-        return to_float(images[idx]), c, pad
+        c, pad = gather_captions(ids, pair_image[idx], pair_caption[idx])
+        return to_float(images[pair_image[idx]]), c, pad
 
     def loss_fn(model, batch):
         x, c, pad = batch
-        if blind:
-            x = torch.zeros_like(x)
-        return caption_loss(model, x, c, pad, causal=causal), {}
+        return captioner.caption_loss(model, x, c, pad), {}
 
-    trainer = Trainer(model, cfg, loss_fn=loss_fn, data_size=len(images), get_batch=get_batch,
+    trainer = Trainer(model, cfg, loss_fn=loss_fn, data_size=len(pair_image), get_batch=get_batch,
                       kind="captioner", model_config=asdict(mcfg),
                       extra={"tokenizer": tok.state_dict()})
     summary = trainer.fit()
@@ -169,15 +172,15 @@ def generate(model, tok, images: torch.Tensor, recipe: M3Recipe, method: str = "
     from tqdm import tqdm
 
     from mmsys.data.split import to_float
-    out, bs = [], recipe.decode_batch
+    out, bs, dev = [], recipe.decode_batch, next(model.parameters()).device
     for i in tqdm(range(0, len(images), bs), desc=f"decode {method}", disable=not progress):
-        x = to_float(images[i:i + bs])
+        x = to_float(images[i:i + bs].to(dev))
         if method == "beam":
             out.append(model.beam_search(x, beam=recipe.beam, max_len=recipe.max_gen, alpha=recipe.alpha))
         else:
             out.append(model.greedy(x, max_len=recipe.max_gen))
     L = max(o.shape[1] for o in out)
-    ids = torch.cat([torch.nn.functional.pad(o, (0, L - o.shape[1])) for o in out])
+    ids = torch.cat([torch.nn.functional.pad(o, (0, L - o.shape[1])) for o in out]).cpu()
     return [tok.decode(s) for s in ids.tolist()], ids
 
 
@@ -211,7 +214,7 @@ class M3(Milestone):
     id = "m3"
     title = "Image captioning with cross-attention"
     marker = "m3"
-    test_files = ("tests/test_captioner.py", "tests/test_m3_gates.py", "tests/test_eval_captions.py")
+    test_files = ("tests/test_captioner.py", "tests/test_m3_gates.py")
     criteria = (
         Criterion("image encoder gives a sequence of visual features with positions (ViT patch tokens)",
                   "test:tests/test_captioner.py::test_encoder_features"),
@@ -265,6 +268,7 @@ class M3(Milestone):
         info: dict = {"data_s": round(time.perf_counter() - t0, 1)}
         if ctx.checkpoint:
             model, tok = load_captioner(ctx.checkpoint)
+            model = model.to(ctx.device)
             ckpt = str(ctx.checkpoint)
         else:
             model, tok, summary = train(recipe, train_split, ctx)
@@ -285,7 +289,8 @@ class M3(Milestone):
         # figure: 4 test images, their beam captions, and per word where the decoder looked
         x = test_split.images[:4]
         caps, ids = generate(model, tok, x, recipe, "beam")
-        maps = model.cross_attention(to_float(x), ids)
+        dev = next(model.parameters()).device
+        maps = model.cross_attention(to_float(x.to(dev)), ids.to(dev)).cpu()
         fig = caption_attention_figure(x, ids, maps, tok, ctx.path("caption_attention.png"))
         info["figure_captions"] = caps
         return RunResult(metrics=metrics, info=info, datasets=[train_split.summary(), test_split.summary()],

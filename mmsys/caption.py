@@ -21,7 +21,10 @@ DEFAULT_CHECKPOINT = Path("runs/m3/checkpoint.pt")
 def read_image(path: str | Path, size: int) -> torch.Tensor:
     """An image file -> uint8 (3, size, size): RGB, shorter side resized (antialiased bilinear),
     then center-cropped."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import warnings
+    with warnings.catch_warnings():  # torchvision >= 0.29 announces that io moves to torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_image, read_file
     img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)  # (3, H, W) uint8
     H, W = img.shape[1:]
     scale = size / min(H, W)

@@ -7,12 +7,22 @@ import pytest
 import torch
 
 from mmsys.captioner import (BOS_ID, EOS_ID, PAD_ID, Captioner, CaptionerConfig, caption_loss,
-                             encode_caption_sets, load_captioner, sample_caption_sets)
+                             caption_pairs, encode_caption_sets, gather_captions, load_captioner)
 from mmsys.text import Tokenizer
 
-pytestmark = pytest.mark.m3
+pytestmark = [pytest.mark.m3,  # torchvision >= 0.29 warns that its image io moves to torchcodec
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision")]
 
 V = 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight other processes for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> Captioner:
@@ -170,29 +180,32 @@ def test_beam_max_length_and_early_eos():
 
 
 def test_all_captions_used():
+    from mmsys.train import batch_indices
+
     tok = Tokenizer.train(["a red circle", "a blue square on the left", "two cats"])
     caps = [["a red circle", "a blue square", "two cats", "a cat", "a red square"],
             ["a red circle on the left"] * 7, ["two cats"]]
     ids, count = encode_caption_sets(tok, caps, max_len=8)
     assert ids.shape[:2] == (3, 7) and count.tolist() == [5, 7, 1]
     assert ids[0, 0].tolist()[:5] == [BOS_ID] + [tok.index[w] for w in ("a", "red", "circle")] + [EOS_ID]
-    g = torch.Generator().manual_seed(0)
-    pick, pad = sample_caption_sets(ids, count, torch.tensor([0, 1, 2]), 5, g)
-    assert pick.shape[:2] == (3, 5) and torch.equal(pad, pick == PAD_ID)
-    first = {tuple(r[r != PAD_ID].tolist()) for r in pick[0]}
-    assert first == {tuple(r[r != PAD_ID].tolist()) for r in ids[0, :5]}  # all five, each once
-    assert (pick[2] == pick[2, :1]).all()  # one caption only: cycled
-    assert not (pick[:, :, 0] == PAD_ID).any()  # never an empty slot
-    # the loss is the token-weighted mean over every caption of every image in the batch
+    assert (ids[2, 1:] == PAD_ID).all()  # missing caption slots are padding
+    # one training item per (image, caption): an epoch of the engine's batches visits each once
+    image, caption = caption_pairs(count)
+    assert len(image) == 13
+    seen = torch.cat([batch_indices(s, 13, 4, seed=0) for s in range(4)]).tolist()[:13]
+    assert sorted((int(image[j]), int(caption[j])) for j in seen) == \
+        [(0, j) for j in range(5)] + [(1, j) for j in range(7)] + [(2, 0)]
+    pick, pad = gather_captions(ids, image[:5], caption[:5])
+    assert pick.shape[:2] == (5, 1) and torch.equal(pad, pick == PAD_ID)
+    assert torch.equal(pick[:, 0], ids[0, :5, :pick.shape[-1]]) and not pad[:, 0, 0].any()
+    # with k captions per image the loss is the token-weighted mean over all of them
     m = tiny(vocab_size=len(tok))
-    x = images(2)
-    sub, sub_pad = sample_caption_sets(ids, count, torch.tensor([0, 1]), 5, g)
-    loss = caption_loss(m, x, sub, sub_pad)
+    x, sub = images(2), ids[:2, :5]
+    loss = caption_loss(m, x, sub, sub == PAD_ID)
     logits = torch.cat([m(x[i:i + 1].expand(5, -1, -1, -1), sub[i, :, :-1]) for i in range(2)])
     tgt = sub[:, :, 1:].reshape(10, -1)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
-    keep = tgt != PAD_ID
-    torch.testing.assert_close(loss, nll[keep].mean())
+    torch.testing.assert_close(loss, nll[tgt != PAD_ID].mean())
 
 
 def test_overfits_two_images_and_checkpoint_cli(tmp_path, capsys):
