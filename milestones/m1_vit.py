@@ -129,7 +129,7 @@ def load_model(path):
     from mmsys.vit import ViT, ViTConfig
     ck = load_checkpoint(path, expect_kind="vit")
     model = ViT(ViTConfig(**ck["model_config"]))
-    model.load_state_dict(ck["ema"] if ck.get("ema") else ck["model"])
+    model.load_state_dict(ck["ema"]["module"] if ck.get("ema") else ck["model"])  # EMA weights when present
     return model
 
 
