@@ -90,7 +90,7 @@ def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
         raise UsageError(f"{mid} has no '{args.profile}' profile; choose one of {', '.join(milestone.thresholds)}")
     out_dir = (args.out / mid) if args.profile == "quick" else (args.out / f"{mid}-{args.profile}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    start, git = time.time(), git_state(REPO)  # the code as it was when the run started
     report = {"milestone": mid, "title": milestone.title, "profile": args.profile,
               "criteria": [c.__dict__ for c in milestone.criteria],
               "thresholds": milestone.thresholds[args.profile], "interface": milestone.interface,
@@ -120,7 +120,7 @@ def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
         "metrics": result.metrics if result else {}, "info": result.info if result else {},
         "datasets": result.datasets if result else [], "checkpoint": ckpt,
         "config": result.config if result else {}, "figures": result.figures if result else [],
-        "provenance": {"git": git_state(REPO), "command": command_line(), "seed": args.seed,
+        "provenance": {"git": git, "command": command_line(), "seed": args.seed,
                        "implementation": impl_path, "libraries": library_versions(),
                        "device": device_info(args.device), "wall_time_s": time.time() - start,
                        "network": record(args.download),
