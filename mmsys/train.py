@@ -23,25 +23,28 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
-import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from mmsys.batching import batch_len, get_rng_state, mix_seed, set_rng_state, to_device
 from mmsys.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mmsys.distributed import init_distributed
+from mmsys.optim import EMA, Autocast, build_optimizer, build_scheduler
+
+# re-exported: the engine's public API lives in these smaller modules
+from mmsys.batching import batch_indices, rank_slice, seed_everything, split_batch  # noqa: E402,F401
+from mmsys.distributed import DistInfo, cleanup_distributed, is_main_process  # noqa: E402,F401
+from mmsys.optim import lr_at, lr_factor, param_groups  # noqa: E402,F401
 
 
 @dataclass
@@ -75,271 +78,6 @@ class TrainConfig:
             raise ValueError(f"invalid TrainConfig: {self}")
 
 
-# ----------------------------------------------------------------------------- seeding
-
-_M64 = (1 << 64) - 1
-
-
-def _mix(*xs: int) -> int:
-    """Hash integers to a 63-bit seed (splitmix64 chain); distinct tuples give unrelated seeds."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        z = ((h ^ (int(x) & _M64)) + 0x9E3779B97F4A7C15) & _M64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-        h = z ^ (z >> 31)
-    return h >> 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python ``random``, numpy and torch (CPU and all CUDA devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _get_rng_state() -> dict:
-    np_state = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
-            "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                      "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                      "cached_gaussian": float(np_state[4])}}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-
-
-# ----------------------------------------------------------------------------- data indexing
-
-@lru_cache(maxsize=4)
-def _epoch_perm(n_items: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n_items, generator=torch.Generator().manual_seed(_mix(seed, 0, epoch)))
-
-
-def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Dataset indices of the global batch of ``step``: ``(batch_size,)`` int64.
-
-    Item ``k`` of the stream is ``perm_e[k % n]`` with epoch ``e = k // n`` and ``perm_e =
-    randperm(n)`` seeded by ``(seed, e)``; step ``s`` takes stream items ``[s*B, (s+1)*B)``. A
-    batch may straddle two epochs. Each epoch visits every item exactly once.
-    """
-    pos = step * batch_size + torch.arange(batch_size)
-    epochs, within = pos // n_items, pos % n_items
-    out = torch.empty(batch_size, dtype=torch.long)
-    for e in torch.unique(epochs).tolist():
-        m = epochs == e
-        out[m] = _epoch_perm(n_items, seed, e)[within[m]]
-    return out
-
-
-def rank_slice(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank ``rank``'s contiguous chunk of a global batch (``len(indices) % world_size == 0``)."""
-    per = len(indices) // world_size
-    return indices[rank * per:(rank + 1) * per]
-
-
-def _batch_len(x: Any) -> int | None:
-    """Leading size of the first tensor (or per-item list) found in a batch, else None."""
-    if isinstance(x, torch.Tensor):
-        return x.shape[0] if x.ndim else None
-    if isinstance(x, dict) or _is_container(x):
-        for e in (x.values() if isinstance(x, dict) else x):
-            if (n := _batch_len(e)) is not None:
-                return n
-        return None
-    return len(x) if isinstance(x, (list, tuple)) else None
-
-
-def _is_container(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and any(isinstance(e, (torch.Tensor, dict, list, tuple)) for e in x)
-
-
-def _slice(x: Any, a: int, b: int, n: int) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x[a:b] if x.ndim and x.shape[0] == n else x
-    if isinstance(x, dict):
-        return {k: _slice(v, a, b, n) for k, v in x.items()}
-    if _is_container(x):
-        items = [_slice(e, a, b, n) for e in x]
-        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
-    if isinstance(x, (list, tuple)) and len(x) == n:
-        return x[a:b]
-    return x
-
-
-def split_batch(batch: Any, n_micro: int) -> list:
-    """Split a batch into ``n_micro`` micro-batches along dim 0 (sizes differ by at most one).
-
-    Tensors with leading size B are sliced; dicts, and tuples/lists holding tensors, are
-    containers split element-wise; other lists of length B (e.g. caption strings) are sliced;
-    anything else is passed unchanged to every micro-batch.
-    """
-    n = _batch_len(batch)
-    if n is None:
-        raise ValueError("cannot find the batch dimension: return a tensor or a tuple/dict of tensors")
-    if n_micro > n:
-        raise ValueError(f"cannot split {n} items into {n_micro} micro-batches")
-    sizes = [n // n_micro + (i < n % n_micro) for i in range(n_micro)]
-    bounds = np.cumsum([0] + sizes).tolist()
-    return [_slice(batch, bounds[i], bounds[i + 1], n) for i in range(n_micro)]
-
-
-def _to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if isinstance(x, torch.Tensor):
-        x = x.to(device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
-    if isinstance(x, dict):
-        return {k: _to_device(v, device, channels_last) for k, v in x.items()}
-    if _is_container(x):
-        items = [_to_device(e, device, channels_last) for e in x]
-        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
-    return x
-
-
-# ----------------------------------------------------------------------------- optimisation
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` used by optimizer step ``step`` (0-based).
-
-    Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``; then cosine from 1 at
-    ``step = warmup_steps`` to ``min_lr_ratio`` at ``step = steps``:
-    ``r + (1 - r) * 0.5 * (1 + cos(pi * (step - warmup) / (steps - warmup)))``.
-    """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    r = cfg.min_lr_ratio
-    return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): ``cfg.lr * lr_factor(step, cfg)``."""
-    return cfg.lr * lr_factor(step, cfg)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups. Rule: a trainable parameter is decayed iff ``p.ndim >= 2`` (weight
-    matrices and conv kernels) and it is not named by a ``no_weight_decay()`` method of the module
-    that owns it (returning names relative to that module, e.g. ``{"pos_embed", "cls_token"}``).
-    So biases, norm scales, scalar temperatures and 1-D embeddings are never decayed; ND
-    positional/class embeddings are excluded by ``no_weight_decay``.
-    """
-    skip = set()
-    for prefix, mod in model.named_modules():
-        if hasattr(mod, "no_weight_decay"):
-            skip |= {f"{prefix}.{n}" if prefix else n for n in mod.no_weight_decay()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with ``cfg.lr``, ``cfg.betas``, ``cfg.weight_decay``."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR applying :func:`lr_factor` (a closure, so its state_dict is plain data)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-
-
-class EMA:
-    """Exponential moving average of a model's state: ``e <- decay * e + (1 - decay) * p``.
-
-    Floating-point parameters and buffers are averaged, integer buffers copied. ``module`` is a
-    frozen deep copy usable for evaluation.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.num_updates = decay, 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        src = model.state_dict()
-        for k, e in self.module.state_dict().items():
-            if e.dtype.is_floating_point:
-                e.mul_(self.decay).add_(src[k].to(e.dtype), alpha=1.0 - self.decay)
-            else:
-                e.copy_(src[k])
-        self.num_updates += 1
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into ``model``."""
-        model.load_state_dict(self.module.state_dict())
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self.num_updates = state["decay"], state["num_updates"]
-        self.module.load_state_dict(state["module"])
-
-
-class _Autocast:
-    """bf16 autocast when enabled, else a no-op. Use as ``with ctx:`` or ``with ctx():``."""
-
-    def __init__(self, device_type: str, enabled: bool):
-        self.device_type, self.enabled = device_type, enabled
-
-    def __call__(self):
-        return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.enabled else nullcontext()
-
-    def __enter__(self):
-        self._ctx = self()
-        return self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-
-
-def init_distributed(device: str = "cpu") -> DistInfo:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1 in the environment):
-    gloo on CPU, nccl on CUDA (``cuda`` becomes ``cuda:<LOCAL_RANK>``). Otherwise a no-op."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return DistInfo(device=device)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
-
-
-def cleanup_distributed() -> None:
-    """Leave the process group, if any."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank of an initialised process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _plain(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
@@ -347,7 +85,7 @@ def _plain(x: Any) -> Any:
 # ----------------------------------------------------------------------------- the engine
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
-StepFn = Callable[[nn.Module, Any, int, _Autocast], dict]
+StepFn = Callable[[nn.Module, Any, int, Autocast], dict]
 
 
 class Trainer:
@@ -406,7 +144,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
-        self.autocast = _Autocast(self.device.type, cfg.bf16)
+        self.autocast = Autocast(self.device.type, cfg.bf16)
         self.step = 0
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self.ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
@@ -422,7 +160,7 @@ class Trainer:
         """The checkpoint payload (see :mod:`mmsys.checkpoint`)."""
         return {"kind": self.kind, "step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, "rng": _get_rng_state(),
+                "ema": self.ema.state_dict() if self.ema else None, "rng": get_rng_state(),
                 "config": asdict(self.cfg), "model_config": self.model_config, "extra": self.extra}
 
     def save(self, path: str | os.PathLike | None = None) -> Path | None:
@@ -454,7 +192,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(ck["ema"])
             self.ema.decay = self.cfg.ema_decay  # this run's recipe wins
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
         self.step = int(ck["step"])
         self.extra = self.extra or dict(ck.get("extra") or {})
 
@@ -467,9 +205,9 @@ class Trainer:
     def _train_step(self, step: int) -> dict:
         cfg, d = self.cfg, self.dist
         idx = rank_slice(batch_indices(step, self.data_size, cfg.batch_size, cfg.seed), d.rank, d.world_size)
-        gen = torch.Generator().manual_seed(_mix(cfg.seed, 1, step, d.rank))
-        torch.manual_seed(_mix(cfg.seed, 2, step, d.rank))  # dropout / noise inside loss_fn
-        batch = _to_device(self.get_batch(idx, gen), self.device, cfg.channels_last)
+        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 1, step, d.rank))
+        torch.manual_seed(mix_seed(cfg.seed, 2, step, d.rank))  # dropout / noise inside loss_fn
+        batch = to_device(self.get_batch(idx, gen), self.device, cfg.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
         if self.step_fn is not None:
             metrics = dict(self.step_fn(self.model, batch, cfg.grad_accum, self.autocast))
@@ -478,7 +216,7 @@ class Trainer:
         else:
             metrics, n = {}, len(idx)
             for mb in split_batch(batch, cfg.grad_accum):
-                wgt = _batch_len(mb) / n
+                wgt = batch_len(mb) / n
                 with self.autocast():
                     loss, m = self.loss_fn(self.model, mb)
                 (loss * wgt).backward()

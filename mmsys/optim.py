@@ -1,0 +1,114 @@
+"""Optimisation pieces of the training engine: the warmup + cosine learning-rate schedule,
+AdamW parameter groups (which parameters are weight-decayed), the EMA of the weights, and the
+bf16 autocast switch. ``cfg`` is a :class:`mmsys.train.TrainConfig`."""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mmsys.train import TrainConfig
+
+# ----------------------------------------------------------------------------- optimisation
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` used by optimizer step ``step`` (0-based).
+
+    Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``; then cosine from 1 at
+    ``step = warmup_steps`` to ``min_lr_ratio`` at ``step = steps``:
+    ``r + (1 - r) * 0.5 * (1 + cos(pi * (step - warmup) / (steps - warmup)))``.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    r = cfg.min_lr_ratio
+    return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``cfg.lr * lr_factor(step, cfg)``."""
+    return cfg.lr * lr_factor(step, cfg)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups. Rule: a trainable parameter is decayed iff ``p.ndim >= 2`` (weight
+    matrices and conv kernels) and it is not named by a ``no_weight_decay()`` method of the module
+    that owns it (returning names relative to that module, e.g. ``{"pos_embed", "cls_token"}``).
+    So biases, norm scales, scalar temperatures and 1-D embeddings are never decayed; ND
+    positional/class embeddings are excluded by ``no_weight_decay``.
+    """
+    skip = set()
+    for prefix, mod in model.named_modules():
+        if hasattr(mod, "no_weight_decay"):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in mod.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with ``cfg.lr``, ``cfg.betas``, ``cfg.weight_decay``."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR applying :func:`lr_factor` (a closure, so its state_dict is plain data)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+
+class EMA:
+    """Exponential moving average of a model's state: ``e <- decay * e + (1 - decay) * p``.
+
+    Floating-point parameters and buffers are averaged, integer buffers copied. ``module`` is a
+    frozen deep copy usable for evaluation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.num_updates = decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        src = model.state_dict()
+        for k, e in self.module.state_dict().items():
+            if e.dtype.is_floating_point:
+                e.mul_(self.decay).add_(src[k].to(e.dtype), alpha=1.0 - self.decay)
+            else:
+                e.copy_(src[k])
+        self.num_updates += 1
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model``."""
+        model.load_state_dict(self.module.state_dict())
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.module.load_state_dict(state["module"])
+
+
+class Autocast:
+    """bf16 autocast when enabled, else a no-op. Use as ``with ctx:`` or ``with ctx():``."""
+
+    def __init__(self, device_type: str, enabled: bool):
+        self.device_type, self.enabled = device_type, enabled
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.enabled else nullcontext()
+
+    def __enter__(self):
+        self._ctx = self()
+        return self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
