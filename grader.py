@@ -82,6 +82,8 @@ def run_shape_tests(milestone, out_dir: Path, skip: bool) -> dict:
 def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
     from milestones import load
     from milestones.base import RunContext
+    import torch
+
     from milestones.offline import record
     from milestones.report import command_line, device_info, gate_table, git_state, library_versions, write_report
 
@@ -90,7 +92,7 @@ def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
         raise UsageError(f"{mid} has no '{args.profile}' profile; choose one of {', '.join(milestone.thresholds)}")
     out_dir = (args.out / mid) if args.profile == "quick" else (args.out / f"{mid}-{args.profile}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    start, git = time.time(), git_state(REPO)  # the code as it was when the run started
+    start, cpu_start, git = time.time(), time.process_time(), git_state(REPO)  # the code as it was at the start
     report = {"milestone": mid, "title": milestone.title, "profile": args.profile,
               "criteria": [c.__dict__ for c in milestone.criteria],
               "thresholds": milestone.thresholds[args.profile], "interface": milestone.interface,
@@ -123,6 +125,10 @@ def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
         "provenance": {"git": git, "command": command_line(), "seed": args.seed,
                        "implementation": impl_path, "libraries": library_versions(),
                        "device": device_info(args.device), "wall_time_s": time.time() - start,
+                       # on a shared machine wall time depends on the load: CPU seconds of this
+                       # process (all its threads; shape tests excluded) and the load averages
+                       "cpu_time_s": time.process_time() - cpu_start, "torch_threads": torch.get_num_threads(),
+                       "loadavg_end": list(os.getloadavg()),
                        "network": record(args.download),
                        "note": "BLEU and accuracies are fractions in [0, 1] unless a key says otherwise"},
     })

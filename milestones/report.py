@@ -92,7 +92,9 @@ def to_markdown(report: dict) -> str:
     p = report["provenance"]
     out = [f"# {report['milestone']}: {report['title']} — {report['status'].upper()}", "",
            f"profile **{report['profile']}**, seed {p['seed']}, commit `{p['git']['commit'][:12]}`"
-           f"{' (dirty)' if p['git']['dirty'] else ''}, wall time {p['wall_time_s']:.0f} s on {p['device'].get('cpu', p['device']['device'])}",
+           f"{' (dirty)' if p['git']['dirty'] else ''}, wall time {p['wall_time_s']:.0f} s"
+           f" (CPU {p.get('cpu_time_s', float('nan')):.0f} s, {p.get('torch_threads', '?')} threads,"
+           f" load {p.get('loadavg_end', ['?'])[0]}) on {p['device'].get('cpu', p['device']['device'])}",
            "", f"`{p['command']}`", ""]
     if report.get("error"):
         out += [f"**Error:** {report['error']}", ""]

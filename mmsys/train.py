@@ -283,7 +283,7 @@ class Trainer:
         ``{kind, steps, start_step, wall_s, items_per_s, final_metrics, stopped_early, ...}``."""
         cfg, main = self.cfg, is_main_process()
         self.model.train()
-        start_step, t0 = self.step, time.perf_counter()
+        start_step, t0, cpu0 = self.step, time.perf_counter(), time.process_time()
         log = main and self.out_dir is not None
         if log:
             self._open_log(start_step)
@@ -331,7 +331,11 @@ class Trainer:
                    "wall_s": wall, "items_per_s": (self.step - start_step) * cfg.batch_size / max(wall, 1e-9),
                    "final_metrics": record, "stopped_early": stopped_early, "max_seconds": cfg.max_seconds,
                    "checkpoint": str(ckpt) if ckpt else None, "world_size": self.dist.world_size,
-                   "device": str(self.device), "bf16": cfg.bf16}
+                   "device": str(self.device), "bf16": cfg.bf16,
+                   # process CPU seconds and the machine's load: wall time on a shared machine
+                   # says little, CPU time / threads says what an idle machine would take
+                   "cpu_s": time.process_time() - cpu0, "torch_threads": torch.get_num_threads(),
+                   "loadavg_end": list(os.getloadavg())}
         if log:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
