@@ -10,19 +10,11 @@ from mmsys.captioner import (BOS_ID, EOS_ID, PAD_ID, Captioner, CaptionerConfig,
                              caption_pairs, encode_caption_sets, gather_captions, load_captioner)
 from mmsys.text import Tokenizer
 
-pytestmark = [pytest.mark.m3,  # torchvision >= 0.29 warns that its image io moves to torchcodec
+pytestmark = [pytest.mark.m3, pytest.mark.usefixtures("one_thread"),
+              # torchvision >= 0.29 warns that its image io moves to torchcodec
               pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision")]
 
 V = 40
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> Captioner:

@@ -12,16 +12,7 @@ from mmsys.diffusion.samplers import (DDIMSampler, DDPMSampler, guided_eps, guid
 from mmsys.diffusion.schedule import NoiseSchedule
 from mmsys.diffusion.unet import UNet, UNetConfig
 
-pytestmark = pytest.mark.m4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small element-wise ops are 10-40x slower with 2 OpenMP threads on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.m4, pytest.mark.usefixtures("one_thread")]
 
 
 # ---------------------------------------------------------------------------------- schedules

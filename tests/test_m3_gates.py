@@ -26,20 +26,12 @@ from mmsys.data.paths import shared_data_root
 from mmsys.data.world import make_split
 from mmsys.text import Tokenizer
 
-pytestmark = [pytest.mark.m3,
+pytestmark = [pytest.mark.m3, pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not java_available(), reason="caption metrics need Java (PTB tokenizer)")]
 
 LIMITS = THRESHOLDS["quick"]
 RECIPE = replace(RECIPES["quick"], n_train=1024, n_test=200, steps=60, batch_size=32, warmup_steps=5,
                  max_minutes=None, decode_batch=200)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,8 @@ from mmsys.checkpoint import save_checkpoint
 from mmsys.diffusion.schedule import NoiseSchedule
 from mmsys.diffusion.unet import UNetConfig
 
-pytestmark = pytest.mark.m4
+pytestmark = [pytest.mark.m4, pytest.mark.usefixtures("one_thread")]
 TINY_UNET = dict(base=8, channel_mults=(1, 2), n_res=1, attn_resolutions=(), dropout=0.0, groups=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is faster on a busy 2-core machine
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_model(patch: int = 2, seed: int = 0, T: int = 1000) -> tuple[smp.EpsModel, NoiseSchedule, dict]:

@@ -19,20 +19,12 @@ import mmsys.diffusion.unet as unet_mod
 from milestones import m4_ddpm as m4
 from milestones.base import RunContext
 
-pytestmark = pytest.mark.m4
+pytestmark = [pytest.mark.m4, pytest.mark.usefixtures("one_thread")]
 N = 200
 # a smaller U-Net and a short run (the real recipe trains 1,200 steps of 64 at base 32)
 TINY = replace(m4.RECIPES["quick"], n_train=6000, steps=300, batch_size=32, warmup_steps=20, lr=3e-3,
                ema_decay=0.95, max_minutes=None,
                unet=dict(base=16, channel_mults=(1, 2, 2), n_res=1, attn_resolutions=(), dropout=0.0, groups=8))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
