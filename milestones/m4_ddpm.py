@@ -54,7 +54,7 @@ CALIBRATION = (
     "2-core EPYC): FID(DDIM-50, 1,000 vs 2,000 test images, AttributeNet features) = 411, real-vs-real floor "
     "= 40, per-pixel Gaussian = 5,974 (ratio 0.069); at 200 samples each DDIM-50 511 vs DDPM-1000 497 "
     "(2.8 %, floor at 200 = 130); speedup 21.0x. The same recipe stopped at 517 steps scored 926 at 200 "
-    "samples (about 800 at 1,000), an untrained U-Net and the planted bugs score > 4,000. Thresholds: FID < 600 "
+    "samples; the planted bugs (tests/test_m4_gates.py, tiny recipe, 200 samples) score 4,752 (t ignored) and 6,152 (x0 target), and an untrained U-Net is asserted there to exceed half the Gaussian's FID. Thresholds: FID < 600 "
     "(1.46x margin over the measurement, fails the half-trained model), ratio < 0.10 (1.45x margin). CPU "
     "seconds (one thread): training 540, DDIM 88, DDPM 368, everything else ~40: ~1,040 s, i.e. about 9-10 "
     "minutes of wall time on an idle 2-core CPU at the ViT's measured 1.8x two-thread speed-up (not "
