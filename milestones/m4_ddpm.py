@@ -57,7 +57,7 @@ CALIBRATION = (
     "samples; the planted bugs (tests/test_m4_gates.py, tiny recipe, 200 samples) score 4,752 (t ignored) and 6,152 (x0 target), and an untrained U-Net is asserted there to exceed half the Gaussian's FID. Thresholds: FID < 600 "
     "(1.46x margin over the measurement, fails the half-trained model), ratio < 0.10 (1.45x margin). CPU "
     "seconds (one thread): training 540, DDIM 88, DDPM 368, everything else ~40: ~1,040 s, i.e. about 9-10 "
-    "minutes of wall time on an idle 2-core CPU at the ViT's measured 1.8x two-thread speed-up (not "
+    "minutes of wall time on an idle 2-core CPU at the ViT's measured 1.7x two-thread speed-up (not "
     "measured idle: the machine was shared).")
 
 
