@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", type=Path, default=None, help="grade another implementation: folder containing an 'mmsys' package")
     p.add_argument("--download", action="store_true", help="allow downloading datasets (off by default: the grader runs offline)")
     p.add_argument("--skip-tests", action="store_true", help="do not run the shape tests first (the report says so)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training run from its last checkpoint in OUT/<milestone>/ "
+                        "(same recipe and seed; resume is exact); milestones that support it: m1")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -103,7 +106,7 @@ def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
     if tests["passed"] or tests.get("skipped"):
         ctx = RunContext(profile=args.profile, seed=args.seed, out_dir=out_dir, device=args.device,
                          data_root=args.data_root, checkpoint=args.checkpoint, download=args.download,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, resume=args.resume)
         print(f"== {mid}: {milestone.title} ({args.profile} profile)", flush=True)
         result = milestone.run(ctx)  # DataMissingError / CheckpointError propagate to main -> exit 2
     else:
@@ -162,6 +165,11 @@ def main(argv=None) -> int:
             ids = [args.milestone]
         else:
             raise UsageError(f"unknown milestone {args.milestone!r}: use one of {', '.join(MODULES)}, 'all' or 'list'")
+        if args.resume and args.checkpoint:
+            raise UsageError("--resume continues a training run; --checkpoint evaluates one without training: use one")
+        if args.resume and [m for m in ids if not load(m).resumable]:
+            raise UsageError(f"--resume: {', '.join(m for m in ids if not load(m).resumable)} cannot resume "
+                             f"training (only {', '.join(m for m in available() if load(m).resumable)}); drop --resume")
         if args.checkpoint is not None and not args.checkpoint.is_file():
             raise UsageError(f"--checkpoint {args.checkpoint}: no such file (train first with `python grader.py {ids[0]}`)")
         if args.device.startswith("cuda"):

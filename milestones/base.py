@@ -61,6 +61,7 @@ class RunContext:
     checkpoint: Path | None = None
     download: bool = False
     progress: bool = True
+    resume: bool = False  # continue from out_dir/checkpoint.pt when it exists (resumable milestones)
     log_lines: list[str] = field(default_factory=list)
 
     def log(self, msg: str) -> None:
@@ -106,6 +107,7 @@ class Milestone:
     recipes: dict[str, Any] = {}
     data_needed: dict[str, str] = {}  # profile -> what data it needs and where to get it
     interface: str = ""
+    resumable: bool = False  # True: run() honours ctx.resume (training checkpoints and resumes exactly)
 
     def run(self, ctx: RunContext) -> RunResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -149,6 +149,9 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self.ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
         self._last_lr = lr_at(0, cfg)
+        # training time spent before this process (restored on resume) and the clock of fit()
+        self.time_before = {"wall_s": 0.0, "cpu_s": 0.0, "segments": 0}
+        self._clock = None
         if resume_from == "auto":
             resume_from = self.ckpt_path if self.ckpt_path and self.ckpt_path.exists() else None
         if resume_from is not None:
@@ -161,7 +164,15 @@ class Trainer:
         return {"kind": self.kind, "step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "rng": get_rng_state(),
-                "config": asdict(self.cfg), "model_config": self.model_config, "extra": self.extra}
+                "config": asdict(self.cfg), "model_config": self.model_config, "extra": self.extra,
+                "time": self.time_total()}
+
+    def time_total(self) -> dict:
+        """Training wall/CPU seconds over every segment of this run (resumed ones included)."""
+        wall, cpu = (0.0, 0.0) if self._clock is None else (time.perf_counter() - self._clock[0],
+                                                              time.process_time() - self._clock[1])
+        return {"wall_s": self.time_before["wall_s"] + wall, "cpu_s": self.time_before["cpu_s"] + cpu,
+                "segments": self.time_before["segments"] + (self._clock is not None)}
 
     def save(self, path: str | os.PathLike | None = None) -> Path | None:
         """Atomically write a checkpoint (rank 0 only) to ``path`` or ``out_dir/checkpoint.pt``."""
@@ -183,6 +194,13 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was trained with model_config "
                                   f"{ck['model_config']}, this run has {self.model_config}: "
                                   f"use the same model config or start a new out_dir")
+        schedule = ("steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "seed", "grad_accum")
+        changed = {k: (ck["config"].get(k), getattr(self.cfg, k)) for k in schedule
+                   if "config" in ck and _plain(ck["config"].get(k)) != _plain(getattr(self.cfg, k))}
+        if changed:
+            raise CheckpointError(f"checkpoint {path} was trained with a different schedule "
+                                  f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}): "
+                                  f"resume with the same recipe or start a new out_dir")
         if self.ema is not None and not ck.get("ema"):
             raise CheckpointError(f"checkpoint {path} has no EMA state but ema_decay is set: "
                                   f"resume with the same ema_decay or start a new out_dir")
@@ -195,6 +213,7 @@ class Trainer:
         set_rng_state(ck["rng"])
         self.step = int(ck["step"])
         self.extra = self.extra or dict(ck.get("extra") or {})
+        self.time_before = dict(ck.get("time") or self.time_before)
 
     def eval_model(self) -> nn.Module:
         """The model to evaluate: the EMA copy when EMA is on, else the trained model."""
@@ -284,6 +303,7 @@ class Trainer:
         cfg, main = self.cfg, is_main_process()
         self.model.train()
         start_step, t0, cpu0 = self.step, time.perf_counter(), time.process_time()
+        self._clock = (t0, cpu0)
         log = main and self.out_dir is not None
         if log:
             self._open_log(start_step)
@@ -335,7 +355,9 @@ class Trainer:
                    # process CPU seconds and the machine's load: wall time on a shared machine
                    # says little, CPU time / threads says what an idle machine would take
                    "cpu_s": time.process_time() - cpu0, "torch_threads": torch.get_num_threads(),
-                   "loadavg_end": list(os.getloadavg())}
+                   "loadavg_end": list(os.getloadavg()),
+                   # all segments of a resumed run (start_step > 0): what the whole training cost
+                   "total": self.time_total()}
         if log:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary

@@ -205,13 +205,22 @@ def test_exact_resume_after_kill(tmp_path):
 
 
 def test_resume_auto(tmp_path):
-    assert make(tmp_path, steps=4).fit()["steps"] == 4
-    seed_everything(0)
-    t = Trainer(MLP(MLPConfig()), TrainConfig(steps=6, batch_size=8, lr=1e-2, out_dir=str(tmp_path),
-                progress=False), loss_fn=mse, data_size=len(X), get_batch=get_batch, kind="mlp",
-                model_config=asdict(MLPConfig()), resume_from="auto")
-    assert t.step == 4 and t.fit()["start_step"] == 4
+    first = make(tmp_path, ckpt_every=4)
+    first.loss_fn = lambda m, b: (_ for _ in ()).throw(KeyboardInterrupt) if first.step >= 5 else mse(m, b)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    t = make(tmp_path, ckpt_every=4, resume_from="auto")
+    assert t.step == 4 and t.time_before["segments"] == 1 and t.time_before["wall_s"] > 0
+    summary = t.fit()
+    assert summary["start_step"] == 4 and summary["total"]["segments"] == 2
+    assert summary["total"]["wall_s"] > summary["wall_s"]  # both segments counted
     assert make(tmp_path / "fresh", resume_from="auto").step == 0
+
+
+def test_resume_refuses_another_schedule(tmp_path):
+    make(tmp_path, steps=4).fit()
+    with pytest.raises(CheckpointError, match="different schedule.*steps: 4 -> 6"):
+        make(tmp_path, steps=6, resume_from="auto")
 
 
 def test_fit_logs_summary_and_checkpoint(tmp_path):
