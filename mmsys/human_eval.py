@@ -1,0 +1,227 @@
+"""Human evaluation of prompt match: show generated images with their prompts, record yes/no.
+
+    # 1. write the sheet (100 images + prompts) from a trained text-to-image checkpoint
+    #    (`python grader.py m5` already writes it to runs/m5/human_eval/)
+    python -m mmsys.human_eval write --checkpoint runs/m5/checkpoint.pt --out runs/m5/human_eval
+    # 2. a person answers "does the image show the prompt's colour, shape and position?"
+    python -m mmsys.human_eval record runs/m5/human_eval            # asks in the terminal
+    python -m mmsys.human_eval record runs/m5/human_eval --answers answers.txt   # y/n per line
+    # -> runs/m5/human_eval.json, which `python grader.py m5` reads as the human gate
+
+The folder holds ``sheet.png`` (all images, numbered, prompt under each), ``index.html`` (the
+same as a page), ``images/NNN.png`` and ``template.json`` (prompts, image files and the run's
+identity: checkpoint hash, seed, guidance, sampler). ``human_eval.json`` repeats that identity,
+so a grader run can tell answers about *its* images from stale ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+QUESTION = "Does the image show the prompt's colour, shape AND position? (size does not matter)"
+YES, NO = {"y", "yes", "1", "true", "t"}, {"n", "no", "0", "false", "f"}
+DEFAULT_DIR = Path("runs/m5/human_eval")
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> None:
+    """uint8 (3, H, W) -> PNG file."""
+    from PIL import Image
+    Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy()).save(path)
+
+
+def write_sheet(images: torch.Tensor, prompts: list[str], out_dir: str | Path, meta: dict | None = None,
+                cols: int = 10) -> dict[str, str]:
+    """Write images uint8 (N, 3, H, W) with their N prompts for a person to judge.
+
+    Returns the paths written: ``sheet`` (PNG), ``html``, ``template`` (JSON), ``images`` (folder)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(prompts):
+        raise ValueError(f"need uint8 (N, 3, H, W) images and N prompts, got {tuple(images.shape)} "
+                         f"{images.dtype} and {len(prompts)} prompts")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, (img, p) in enumerate(zip(images, prompts)):
+        name = f"images/{i:03d}.png"
+        save_png(img, out / name)
+        items.append({"i": i, "prompt": p, "image": name, "answer": None})
+    rows = -(-len(items) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.25), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for it, ax in zip(items, axes.flat):
+        ax.imshow(images[it["i"]].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        words = it["prompt"].split()
+        half = (len(words) + 1) // 2
+        ax.set_title(f"#{it['i']}\n{' '.join(words[:half])}\n{' '.join(words[half:])}", fontsize=6.5)
+    fig.suptitle(QUESTION, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out / "sheet.png", dpi=110)
+    plt.close(fig)
+    cells = "".join(f"<tr><td>{it['i']}</td><td><img src='{it['image']}' width=128 "
+                    f"style='image-rendering:pixelated'></td><td>{html.escape(it['prompt'])}</td></tr>"
+                    for it in items)
+    (out / "index.html").write_text(f"<html><body><h3>{html.escape(QUESTION)}</h3><table border=1>"
+                                    f"<tr><th>#</th><th>image</th><th>prompt</th></tr>{cells}</table></body></html>")
+    template = {"question": QUESTION, "meta": meta or {}, "items": items,
+                "how": "fill each 'answer' with true/false, or run `python -m mmsys.human_eval record "
+                       f"{out}` (interactive, or --answers FILE with one y/n per line)"}
+    (out / "template.json").write_text(json.dumps(template, indent=2))
+    return {"sheet": str(out / "sheet.png"), "html": str(out / "index.html"),
+            "template": str(out / "template.json"), "images": str(out / "images")}
+
+
+def parse_answer(text) -> bool:
+    """'y'/'yes'/'1'/true -> True, 'n'/'no'/'0'/false -> False; anything else raises ValueError."""
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in YES:
+        return True
+    if t in NO:
+        return False
+    raise ValueError(f"answer {text!r} is not yes/no (use y or n)")
+
+
+def read_answers(path: str | Path, n: int) -> list[bool]:
+    """Answers from a file: a filled-in template/JSON list, or text with one y/n per line."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [ln.split("#")[0].strip() for ln in text.splitlines()]
+        data = [ln for ln in data if ln]
+    if isinstance(data, dict):
+        data = [it.get("answer") for it in data.get("items", [])] or data.get("answers", [])
+    if len(data) != n or any(a is None for a in data):
+        raise ValueError(f"{path}: need {n} yes/no answers, found {sum(a is not None for a in data)} of {len(data)}")
+    return [parse_answer(a) for a in data]
+
+
+def ask(items: list[dict], folder: Path, stdin=sys.stdin, stdout=sys.stdout, show: bool = False) -> list[bool]:
+    """Ask for each item in the terminal; returns the answers. ``show`` opens each image in a
+    matplotlib window (needs a display)."""
+    answers = []
+    print(QUESTION + f"\n(images: {folder / 'sheet.png'} or {folder / 'index.html'})", file=stdout)
+    for it in items:
+        if show:
+            import matplotlib.pyplot as plt
+            plt.imshow(plt.imread(folder / it["image"]), interpolation="nearest")
+            plt.title(it["prompt"])
+            plt.show(block=False)
+        while True:
+            print(f"#{it['i']:3d} {it['prompt']!r} ({it['image']}) [y/n]: ", end="", file=stdout, flush=True)
+            line = stdin.readline()
+            if not line:
+                raise EOFError(f"input ended after {len(answers)} of {len(items)} answers")
+            try:
+                answers.append(parse_answer(line))
+                break
+            except ValueError as e:
+                print(f"  {e}", file=stdout)
+    return answers
+
+
+def record(folder: str | Path, answers: list[bool], out: str | Path | None = None, annotator: str = "") -> dict:
+    """Write the answers for the sheet in ``folder`` to ``out`` (default ``folder/../human_eval.json``)."""
+    folder = Path(folder)
+    template = json.loads((folder / "template.json").read_text())
+    items = template["items"]
+    if len(answers) != len(items):
+        raise ValueError(f"{len(answers)} answers for {len(items)} images")
+    n_yes = sum(bool(a) for a in answers)
+    result = {"question": template["question"], "meta": template["meta"], "annotator": annotator,
+              "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "n": len(items), "yes": n_yes,
+              "human_prompt_match": n_yes / len(items),
+              "answers": [{"i": it["i"], "prompt": it["prompt"], "answer": bool(a)} for it, a in zip(items, answers)]}
+    out = Path(out) if out else folder.parent / "human_eval.json"
+    out.write_text(json.dumps(result, indent=2))
+    return {**result, "path": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mmsys.human_eval", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write", help="generate the images and write the sheet + template")
+    w.add_argument("--checkpoint", default="runs/m5/checkpoint.pt")
+    w.add_argument("--out", default=str(DEFAULT_DIR))
+    w.add_argument("-n", type=int, default=100, help="number of prompts (test-split world scenes)")
+    w.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's recipe value")
+    w.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's recipe)")
+    w.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("record", help="record a person's yes/no answers")
+    r.add_argument("folder", nargs="?", default=str(DEFAULT_DIR))
+    r.add_argument("--answers", default=None, help="file with answers (one y/n per line, or JSON); '-' = stdin lines")
+    r.add_argument("--out", default=None, help="output JSON (default: FOLDER/../human_eval.json)")
+    r.add_argument("--annotator", default="", help="who answered")
+    r.add_argument("--show", action="store_true", help="open each image in a window while asking")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "write":
+            return _write_cmd(a)
+        folder = Path(a.folder)
+        if not (folder / "template.json").is_file():
+            raise FileNotFoundError(f"no {folder / 'template.json'}: run `python -m mmsys.human_eval write` "
+                                    f"(or `python grader.py m5`) first")
+        items = json.loads((folder / "template.json").read_text())["items"]
+        if a.answers == "-":
+            answers = ask(items, folder, sys.stdin, sys.stderr)
+        elif a.answers:
+            answers = read_answers(a.answers, len(items))
+        else:
+            answers = ask(items, folder, show=a.show)
+        res = record(folder, answers, a.out, a.annotator)
+        print(f"human prompt match {res['human_prompt_match']:.3f} ({res['yes']}/{res['n']}) -> {res['path']}")
+        return 0
+    except (FileNotFoundError, ValueError, EOFError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _write_cmd(a) -> int:
+    from mmsys.checkpoint import CheckpointError, sha256_file
+    from mmsys.text2image import load_text2image, world_prompts
+    if not Path(a.checkpoint).is_file():
+        print(f"error: no text-to-image checkpoint at {a.checkpoint}: train one with `python grader.py m5` "
+              f"or pass --checkpoint PATH", file=sys.stderr)
+        return 2
+    try:
+        model, ck = load_text2image(a.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sampling = (ck.get("extra") or {}).get("sampling", {})
+    guidance = a.guidance if a.guidance is not None else sampling.get("guidance", 3.0)
+    steps = a.steps if a.steps is not None else sampling.get("steps", 50)
+    eta = sampling.get("eta", 0.0)
+    prompts, _ = world_prompts("test", a.n)
+    images = model.generate(prompts, guidance=guidance, sampler="ddim", steps=steps, eta=eta, seed=a.seed,
+                            progress=True)
+    meta = sheet_meta(sha256_file(a.checkpoint), prompts, a.seed, guidance, "ddim", steps, eta)
+    paths = write_sheet(images, prompts, a.out, meta)
+    print(f"wrote {paths['sheet']}, {paths['html']} and {paths['template']}; now run "
+          f"`python -m mmsys.human_eval record {a.out}`")
+    return 0
+
+
+def sheet_meta(checkpoint_sha256: str, prompts: list[str], seed: int, guidance: float, sampler: str,
+               steps: int, eta: float = 0.0) -> dict:
+    """The identity of a set of generated images (what makes answers about them reusable)."""
+    import hashlib
+    return {"checkpoint_sha256": checkpoint_sha256, "seed": seed, "guidance": float(guidance),
+            "sampler": sampler, "steps": int(steps), "eta": float(eta), "n": len(prompts),
+            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
