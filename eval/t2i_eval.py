@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +76,16 @@ def shuffled(captions: list[str], seed: int = 0) -> list[str]:
 
 
 def evaluate(model, judges: Judges, prompts: list[str], heldout_prompts: list[str] | None, real_images: torch.Tensor,
-             real_captions: list[str], recipe, progress: bool = False, seed: int = 0):
+             real_captions: list[str], recipe, progress: bool = False, seed: int = 0,
+             gain_prompts: list[str] | None = None):
     """All m5 numbers. Returns (metrics, info, samples).
 
     Samples for each guidance scale of ``recipe.sweep`` (and ``recipe.guidance``) use the same
-    prompts and the same per-image seeds, so scales are compared pairwise."""
+    prompts and the same per-image seeds, so scales are compared pairwise. ``gain_prompts``
+    (``prompts`` followed by more; default ``prompts``) are sampled at s = 1 and at the default
+    scale for the guidance-gain gate: a difference of two prompt-match rates needs more samples
+    than either rate (image ``i`` depends only on its prompt and seed, so the first
+    ``len(prompts)`` of them are exactly the gate samples)."""
     from eval.clip_score import clip_score
     from eval.fid import fid, protocol
     timings, samples, sweep = {}, {}, {}
@@ -95,11 +101,19 @@ def evaluate(model, judges: Judges, prompts: list[str], heldout_prompts: list[st
     metrics = {"clip_score_real": ceiling, "clip_score_shuffled": floor,
                "real_prompt_match": judges.match_rates(real_captions, real_pred)["prompt_match"]}
     timings["real_pairs_s"] = time.perf_counter() - t0
+    gain_prompts = gain_prompts or prompts
+    if gain_prompts[:len(prompts)] != prompts:
+        raise ValueError("gain_prompts must start with the gate prompts")
+    gain = {}  # scale -> (len(gain_prompts),) bool prompt match, for s = 1 and the default scale
     for s in scales:
         t0 = time.perf_counter()
-        samples[s] = model.generate(prompts, guidance=s, **kw)
+        paired = s in (1.0, recipe.guidance)
+        x = model.generate(gain_prompts if paired else prompts, guidance=s, **kw)
         t1 = time.perf_counter()
-        pred = judges.predict(samples[s])
+        pred = judges.predict(x)
+        if paired:
+            gain[s] = judges.match_table(gain_prompts, pred)["all"]
+        samples[s], pred = x[:len(prompts)], {k: v[:len(prompts)] for k, v in pred.items()}
         sweep[s] = {**judges.match_rates(prompts, pred), "clip_score": cos(samples[s], prompts),
                     "fid": fid(real_images, samples[s], judges.fid_feature)}
         sweep[s]["sample_s"], sweep[s]["judge_s"] = t1 - t0, time.perf_counter() - t1
@@ -107,8 +121,12 @@ def evaluate(model, judges: Judges, prompts: list[str], heldout_prompts: list[st
     d = sweep[recipe.guidance]
     metrics.update({"clip_score": d["clip_score"], "clip_score_100": max(100 * d["clip_score"], 0.0),
                     "clip_score_margin": d["clip_score"] - floor,
-                    "prompt_match": d["prompt_match"], "guidance_gain": d["prompt_match"] - sweep[1.0]["prompt_match"],
-                    "fid": d["fid"]})
+                    "prompt_match": d["prompt_match"], "fid": d["fid"],
+                    # on len(gain_prompts) paired samples (same prompt and seed at both scales)
+                    "guidance_gain": (gain[recipe.guidance].float().mean() - gain[1.0].float().mean()).item(),
+                    "guidance_gain_n": len(gain_prompts),
+                    "guidance_gain_on_gate_prompts": d["prompt_match"] - sweep[1.0]["prompt_match"]})
+    metrics["guidance_gain_sign_p"] = sign_test(gain[recipe.guidance], gain[1.0])
     if ceiling - floor > 0.05:  # where the generated images sit between the judge's floor (0) and ceiling (1)
         metrics["clip_score_normalised"] = (d["clip_score"] - floor) / (ceiling - floor)
     metrics.update({k: d[k] for k in d if k.endswith("_match") and k != "prompt_match"})
@@ -143,6 +161,14 @@ def evaluate(model, judges: Judges, prompts: list[str], heldout_prompts: list[st
             "negative_protocol": {"prompt": recipe.negative_base, "negative": recipe.negative, "n": recipe.n_negative,
                                   "guidance": recipe.guidance}}
     return metrics, info, samples
+
+
+def sign_test(a: torch.Tensor, b: torch.Tensor) -> float:
+    """One-sided exact sign test (McNemar) on paired booleans: the probability, if neither
+    setting were better, that ``a`` wins at least as many of the discordant pairs as it did."""
+    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n if n else 1.0
 
 
 # ------------------------------------------------------------------ figures
