@@ -5,6 +5,7 @@
     python grader.py m2 --profile full  the spec's thresholds on real data (--data-root)
     python grader.py m1 --checkpoint runs/m1/checkpoint.pt   evaluate instead of training
     python grader.py all                every milestone in order
+    python grader.py all --jobs 2       every milestone, two at a time (one thread each on a 2-core CPU)
     python grader.py list               what there is
 
 For each milestone: run its pytest shape tests (stop if any fail) -> train with its recipe or
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted training run from its last checkpoint in OUT/<milestone>/ "
                         "(same recipe and seed; resume is exact); milestones that support it: m1")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with 'all': grade this many milestones at once, each in its own process with "
+                        "cores/jobs torch threads and its log in OUT/<milestone>.log (default 1: in turn)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -82,6 +86,11 @@ def run_shape_tests(milestone, out_dir: Path, skip: bool) -> dict:
             "command": " ".join(["python"] + cmd[1:]).replace(str(REPO) + "/", ""), "junit": str(junit)}
 
 
+def out_dir_for(mid: str, args: argparse.Namespace) -> Path:
+    """OUT/<mid> for the quick profile, OUT/<mid>-<profile> otherwise."""
+    return args.out / (mid if args.profile == "quick" else f"{mid}-{args.profile}")
+
+
 def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
     from milestones import load
     from milestones.base import RunContext
@@ -93,7 +102,7 @@ def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
     milestone = load(mid)
     if args.profile not in milestone.thresholds:
         raise UsageError(f"{mid} has no '{args.profile}' profile; choose one of {', '.join(milestone.thresholds)}")
-    out_dir = (args.out / mid) if args.profile == "quick" else (args.out / f"{mid}-{args.profile}")
+    out_dir = out_dir_for(mid, args)
     out_dir.mkdir(parents=True, exist_ok=True)
     start, cpu_start, git = time.time(), time.process_time(), git_state(REPO)  # the code as it was at the start
     report = {"milestone": mid, "title": milestone.title, "profile": args.profile,
@@ -142,6 +151,44 @@ def grade(mid: str, args: argparse.Namespace, impl_path: str) -> int:
     return EXIT_PASS if ok else EXIT_FAIL
 
 
+def grade_in_parallel(ids: list[str], args: argparse.Namespace) -> dict[str, int]:
+    """Grade ``ids`` in ``args.jobs`` child processes (``grader.py <mid>`` with the same options),
+    the later, heavier milestones first; each child gets cores/jobs torch threads (unless
+    OMP_NUM_THREADS is set) and writes its output to OUT/<mid>.log. Returns {mid: exit code}."""
+    import json
+    from milestones.report import gate_table
+    rest = ["--profile", args.profile, "--out", str(args.out), "--seed", str(args.seed), "--device", args.device,
+            "--no-progress"]
+    for flag, value in (("--data-root", args.data_root), ("--impl", args.impl)):
+        rest += [flag, str(value)] if value else []
+    rest += [flag for flag, on in (("--download", args.download), ("--skip-tests", args.skip_tests)) if on]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    queue, running, codes = sorted(ids, reverse=True), {}, {}
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            mid = queue.pop(0)
+            log = out_dir_for(mid, args).with_suffix(".log")
+            with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen([sys.executable, str(REPO / "grader.py"), mid, *rest],
+                                        stdout=f, stderr=subprocess.STDOUT, env=env)
+            running[mid] = (proc, time.time(), log)
+            print(f"== {mid}: started ({env['OMP_NUM_THREADS']} threads), log {log}", flush=True)
+        time.sleep(2)
+        for mid, (proc, t0, log) in list(running.items()):
+            if proc.poll() is not None:
+                codes[mid] = proc.returncode
+                del running[mid]
+                print(f"== {mid}: {'PASS' if proc.returncode == 0 else 'FAIL'} (exit {proc.returncode}) "
+                      f"[{time.time() - t0:.0f} s]", flush=True)
+    for mid in sorted(codes):
+        report = out_dir_for(mid, args) / "report.json"
+        if report.is_file():
+            print(f"\n== {mid}\n" + gate_table(json.loads(report.read_text())["gates"]))
+    return codes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -176,9 +223,12 @@ def main(argv=None) -> int:
             import torch
             if not torch.cuda.is_available():
                 raise UsageError(f"--device {args.device}: no CUDA device here; use --device cpu")
-        codes = {}
-        for mid in ids:
-            codes[mid] = grade(mid, args, impl_path)
+        if args.jobs < 1:
+            raise UsageError(f"--jobs {args.jobs}: give a number of processes >= 1")
+        if args.jobs > 1 and len(ids) > 1:
+            codes = grade_in_parallel(ids, args)
+        else:
+            codes = {mid: grade(mid, args, impl_path) for mid in ids}
         if len(ids) > 1:
             print("== summary: " + ", ".join(f"{m} {'PASS' if c == 0 else 'FAIL'}" for m, c in codes.items()))
         return max(codes.values())

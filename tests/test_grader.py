@@ -27,6 +27,9 @@ def test_list():
     (("m1", "--impl", "/nonexistent"), "no mmsys package"),
     (("all", "--checkpoint", "x.pt"), "not 'all'"),
     (("m1", "--device", "cuda:7"), "cuda"),
+    (("m2", "--resume"), "cannot resume"),
+    (("m1", "--resume", "--checkpoint", "x.pt"), "use one"),
+    (("all", "--jobs", "0"), "--jobs 0"),
 ])
 def test_bad_usage_exits_2_with_one_clear_line(args, message, tmp_path):
     if "cuda" in args[-1] and torch.cuda.is_available():
@@ -52,6 +55,23 @@ def test_missing_data_full_profile_exits_2(tmp_path):
                "--out", str(tmp_path / "runs"), "--no-progress")
     assert r.returncode == 2
     assert "cifar" in r.stderr.lower() and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_all_in_parallel_logs_each_milestone_and_keeps_exit_codes(tmp_path):
+    """``all --jobs 2``: one child process per milestone (heaviest first), each with its log;
+    here every child stops on missing data (exit 2) and the parent returns the worst code."""
+    from milestones import available
+    runs = tmp_path / "runs"
+    r = grader("all", "--jobs", "2", "--profile", "full", "--data-root", str(tmp_path / "nowhere"), "--skip-tests",
+               "--out", str(runs))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    ids = available()
+    started = [line.split(":")[0].removeprefix("== ") for line in r.stdout.splitlines() if "started" in line]
+    assert started == sorted(ids, reverse=True)
+    for mid in ids:
+        log = (runs / f"{mid}-full.log").read_text()
+        assert "grader: error:" in log and "nowhere" in log, log  # --data-root reached the child
+        assert f"{mid}: FAIL (exit 2)" in r.stdout
 
 
 @pytest.mark.slow
