@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mmsys.generate", description=__doc__.split("\n")[0])
     ap.add_argument("prompt", help='e.g. "a large red circle on the left"')
     ap.add_argument("--negative", default=None, help="negative prompt (replaces the unconditional branch)")
-    ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale s (1 = plain conditional; default 3)")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="guidance scale s (1 = plain conditional; default: the checkpoint's recipe, 2 for the quick one)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     ap.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     ap.add_argument("--eta", type=float, default=None,
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    eta = args.eta if args.eta is not None else (ck.get("extra") or {}).get("sampling", {}).get("eta", 0.0)
+    sampling = (ck.get("extra") or {}).get("sampling", {})
+    eta = args.eta if args.eta is not None else sampling.get("eta", 0.0)
+    args.guidance = args.guidance if args.guidance is not None else sampling.get("guidance", 2.0)
     unknown = [w for w in model.text.tokenizer.encode(args.prompt) if w == model.text.tokenizer.unk_id]
     if unknown:
         print(f"warning: {len(unknown)} word(s) of the prompt are not in the model's vocabulary "

@@ -201,7 +201,7 @@ def _write_cmd(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sampling = (ck.get("extra") or {}).get("sampling", {})
-    guidance = a.guidance if a.guidance is not None else sampling.get("guidance", 3.0)
+    guidance = a.guidance if a.guidance is not None else sampling.get("guidance", 2.0)
     steps = a.steps if a.steps is not None else sampling.get("steps", 50)
     eta = sampling.get("eta", 0.0)
     prompts, _ = world_prompts("test", a.n)

@@ -313,6 +313,16 @@ def test_prompt_parsing_world():
     assert r["prompt_match"] == 0.5 and r["position_match"] == 0.5 and r["shape_match"] == 1.0
 
 
+def test_sign_test_golden():
+    from eval.t2i_eval import sign_test
+    t, f = True, False
+    assert sign_test(torch.tensor([t, t, t, f]), torch.tensor([f, f, f, f])) == 1 / 8  # 3 wins of 3 discordant
+    assert sign_test(torch.tensor([t, f, t]), torch.tensor([t, f, t])) == 1.0  # no discordant pair
+    a, b = torch.tensor([t] * 9 + [f] * 3), torch.tensor([f] * 9 + [t] * 3)  # 9 wins, 3 losses
+    assert sign_test(a, b) == pytest.approx((220 + 66 + 12 + 1) / 4096)
+    assert sign_test(b, a) > 0.9
+
+
 # ------------------------------------------------------------------------ checkpoint, CLI, human eval
 def test_checkpoint_generate_cli_and_human_eval(world, tok, tmp_path, capsys):
     from dataclasses import replace
