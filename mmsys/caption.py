@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmsys.cli import fail, missing_checkpoint
+
 DEFAULT_CHECKPOINT = Path("runs/m3/checkpoint.pt")
 
 
@@ -60,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        print(f"error: no captioner checkpoint at {ckpt}. Train one first with `python grader.py m3` "
-              f"(it writes runs/m3/checkpoint.pt), or pass --checkpoint PATH.", file=sys.stderr)
-        return 2
+    if problem := missing_checkpoint(ckpt, "captioner", "m3"):
+        return fail(problem)
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)

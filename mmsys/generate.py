@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmsys.cli import fail, missing_checkpoint, would_overwrite
+
 DEFAULT_CHECKPOINT = Path("runs/m5/checkpoint.pt")
 
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=16, help="number of samples (default 16)")
     ap.add_argument("--seed", type=int, default=0, help="sample i uses its own stream seeded by (seed, i)")
     ap.add_argument("-o", "--out", default="out.png", help="output PNG (default out.png)")
+    ap.add_argument("--force", action="store_true", help="overwrite the output PNG if it exists")
     ap.add_argument("--scale", type=int, default=4, help="upscale factor of the grid (default 4)")
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                     help=f"text-to-image checkpoint (default {DEFAULT_CHECKPOINT})")
@@ -62,13 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        print(f"error: no text-to-image checkpoint at {ckpt}. Train one first with `python grader.py m5` "
-              f"(it writes runs/m5/checkpoint.pt), or pass --checkpoint PATH.", file=sys.stderr)
-        return 2
-    if args.n < 1 or args.steps < 1:
-        print("error: -n and --steps must be at least 1", file=sys.stderr)
-        return 2
+    problem = (missing_checkpoint(ckpt, "text-to-image", "m5") or would_overwrite([args.out], args.force)
+               or ("-n and --steps must be at least 1" if args.n < 1 or args.steps < 1 else None))
+    if problem:
+        return fail(problem)
     from mmsys.checkpoint import CheckpointError
     from mmsys.text2image import load_text2image
     try:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from mmsys.cli import fail, missing_checkpoint
+
 QUESTION = "Does the image show the prompt's colour, shape AND position? (size does not matter)"
 YES, NO = {"y", "yes", "1", "true", "t"}, {"n", "no", "0", "false", "f"}
 DEFAULT_DIR = Path("runs/m5/human_eval")
@@ -191,10 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 def _write_cmd(a) -> int:
     from mmsys.checkpoint import CheckpointError, sha256_file
     from mmsys.text2image import load_text2image, world_prompts
-    if not Path(a.checkpoint).is_file():
-        print(f"error: no text-to-image checkpoint at {a.checkpoint}: train one with `python grader.py m5` "
-              f"or pass --checkpoint PATH", file=sys.stderr)
-        return 2
+    if problem := missing_checkpoint(a.checkpoint, "text-to-image", "m5"):
+        return fail(problem)
     try:
         model, ck = load_text2image(a.checkpoint)
     except CheckpointError as e:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmsys.cli import fail, missing_checkpoint, would_overwrite
 from mmsys.diffusion.samplers import DDIMSampler, DDPMSampler, sample
 from mmsys.diffusion.schedule import NoiseSchedule
 from mmsys.diffusion.unet import UNet, UNetConfig
@@ -233,19 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
 
-    def fail(msg: str) -> int:
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-
     ckpt, out = Path(a.checkpoint), Path(a.output)
-    if not ckpt.is_file():
-        return fail(f"no DDPM checkpoint at {ckpt}: run `python grader.py m4` first (it writes "
-                    f"{DEFAULT_CHECKPOINT}), or pass --checkpoint PATH")
-    if a.n < 1:
-        return fail("-n must be at least 1")
-    for p in (out, Path(a.save_tensor) if a.save_tensor else None):
-        if p is not None and p.exists() and not a.force:
-            return fail(f"{p} exists: pass --force to overwrite it or choose another -o")
+    problem = (missing_checkpoint(ckpt, "DDPM", "m4") or ("-n must be at least 1" if a.n < 1 else None)
+               or would_overwrite([out, a.save_tensor], a.force))
+    if problem:
+        return fail(problem)
     if a.eta < 0 or (a.sampler == "ddpm" and a.eta != 0):
         return fail("--eta must be >= 0, and only applies to --sampler ddim")
     from mmsys.checkpoint import CheckpointError
