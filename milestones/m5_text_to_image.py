@@ -19,9 +19,10 @@ real images (prompt match: colour, shape and position), (3) a person (optional h
   captions, prompt match judged by a CIFAR-10 classifier (the m1 ViT recipe) trained here.
 
 Quick-profile budget: every phase is fixed in steps (no wall-clock cap, so results do not depend
-on machine load). Measured with one thread under ``nice`` on a shared 2-core box: data 9 s, two
-CLIPs ~100 s, generator (3,000 steps of 64) ~1,200 s, evaluation ~60 s: ~23 min of one thread,
-estimated as ~0.55 x that, ~12.5 min, on an idle 2-core CPU (the 15-minute budget).
+on machine load). Measured with one thread on a shared 2-core box (the other core busy): data
+7 s, two CLIPs 117 s, generator (3,000 steps of 64) 1,180 s, evaluation 118 s: 1,362 CPU s,
+1,450 s wall; estimated ~13.5 min on an idle 2-core CPU at the measured 1.7x two-thread speed-up
+of the engine (the 15-minute budget; not measured on an idle machine).
 
 Interface an implementation must provide (``--impl`` swaps the ``mmsys`` package):
     mmsys.text2image.T2IConfig(unet, clip, image_size, patch, schedule, T, p_uncond, min_snr_gamma,
