@@ -13,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def repo_env():
+    """Environment for a test's child processes: this checkout first on PYTHONPATH, so a child
+    (``python -m mmsys...``, torchrun workers) runs this code, not whatever ``pip install -e``
+    last pointed at (or nothing, on a checkout that was never installed)."""
+    import os
+    from pathlib import Path
+    repo = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}

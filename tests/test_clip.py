@@ -310,12 +310,13 @@ def test_figures_written(tmp_path):
 
 # ----------------------------------------------------------------------------- retrieval CLI
 
-def test_retrieve_cli_missing_checkpoint_is_clear(tmp_path):
+def test_retrieve_cli_missing_checkpoint_is_clear(tmp_path, repo_env):
     r = subprocess.run([sys.executable, "-m", "mmsys.retrieve", "a red circle", "--checkpoint",
-                        str(tmp_path / "none.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                        str(tmp_path / "none.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env=repo_env)
     assert r.returncode == 2 and "no checkpoint" in r.stderr
     r = subprocess.run([sys.executable, "-m", "mmsys.retrieve", "a red circle"], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
+                       cwd=tmp_path, timeout=120, env=repo_env)
     if not (REPO / "runs/m2/checkpoint.pt").exists():
         assert r.returncode == 2 and "python grader.py m2" in r.stderr
 

@@ -4,7 +4,6 @@ to one process training on the same global batch."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +19,10 @@ sys.path.insert(0, str(HERE))
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with the gloo backend is not available")
-def test_two_ranks_match_single_process(tmp_path):
+def test_two_ranks_match_single_process(tmp_path, repo_env):
     from ddp_worker import build_and_train
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+    env = {k: v for k, v in repo_env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                             "MASTER_ADDR", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "ddp_worker.py"), str(tmp_path)]
