@@ -206,7 +206,13 @@ def test_exact_resume_after_kill(tmp_path):
 
 def test_resume_auto(tmp_path):
     first = make(tmp_path, ckpt_every=4)
-    first.loss_fn = lambda m, b: (_ for _ in ()).throw(KeyboardInterrupt) if first.step >= 5 else mse(m, b)
+
+    def dies_in_step_6(model, batch):
+        if first.step >= 5:
+            raise KeyboardInterrupt
+        return mse(model, batch)
+
+    first.loss_fn = dies_in_step_6
     with pytest.raises(KeyboardInterrupt):
         first.fit()
     t = make(tmp_path, ckpt_every=4, resume_from="auto")
