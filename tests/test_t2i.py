@@ -15,8 +15,9 @@ from mmsys.clip import CLIP, CLIPConfig
 from mmsys.data.world import make_split
 from mmsys.diffusion.unet import AttentionBlock
 from mmsys.text import Tokenizer
-from mmsys.text2image import (CaptionedImages, T2IConfig, TextToImage, drop_conditioning, from_clip,
-                              load_text2image, snr_weight, text_token_features, world_prompts)
+from mmsys.text2image import (CaptionedImages, T2IConfig, TextToImage, from_clip, load_text2image, snr_weight,
+                              world_prompts)
+from mmsys.text_conditioning import drop_conditioning, pooled_features, text_token_features
 
 pytestmark = pytest.mark.m5
 TINY_UNET = dict(base=8, channel_mults=(1, 2), n_res=1, attn_resolutions=(8,), dropout=0.0, groups=4, n_heads=2)
@@ -136,7 +137,7 @@ def test_conditioning_dropout_rate(world, tok):
 
 
 def test_pooled_embedding_and_position_channels(tok):
-    from mmsys.text2image import coord_grid, pooled_features
+    from mmsys.text2image import coord_grid
     ctx = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     mask = torch.tensor([[False, False, True, True], [False, False, False, False]])
     want = torch.stack([torch.cat([ctx[0, 1], ctx[0, :2].mean(0)]), torch.cat([ctx[1, 3], ctx[1].mean(0)])])
