@@ -214,8 +214,9 @@ def main(argv=None) -> int:
             raise UsageError(f"unknown milestone {args.milestone!r}: use one of {', '.join(MODULES)}, 'all' or 'list'")
         if args.resume and args.checkpoint:
             raise UsageError("--resume continues a training run; --checkpoint evaluates one without training: use one")
-        if args.resume and [m for m in ids if not load(m).resumable]:
-            raise UsageError(f"--resume: {', '.join(m for m in ids if not load(m).resumable)} cannot resume "
+        not_resumable = [m for m in ids if not load(m).resumable] if args.resume else []
+        if not_resumable:
+            raise UsageError(f"--resume: {', '.join(not_resumable)} cannot resume "
                              f"training (only {', '.join(m for m in available() if load(m).resumable)}); drop --resume")
         if args.checkpoint is not None and not args.checkpoint.is_file():
             raise UsageError(f"--checkpoint {args.checkpoint}: no such file (train first with `python grader.py {ids[0]}`)")

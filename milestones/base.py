@@ -106,8 +106,14 @@ class Milestone:
     thresholds: dict[str, dict[str, float]] = {}
     recipes: dict[str, Any] = {}
     data_needed: dict[str, str] = {}  # profile -> what data it needs and where to get it
-    interface: str = ""
     resumable: bool = False  # True: run() honours ctx.resume (training checkpoints and resumes exactly)
+
+    @property
+    def interface(self) -> str:
+        """The "Interface ..." section of the milestone module's docstring."""
+        import sys
+        doc = sys.modules[type(self).__module__].__doc__ or ""
+        return doc.split("Interface", 1)[1] if "Interface" in doc else ""
 
     def run(self, ctx: RunContext) -> RunResult:  # pragma: no cover - abstract
         raise NotImplementedError

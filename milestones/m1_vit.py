@@ -184,7 +184,6 @@ class M1(Milestone):
     recipes = RECIPES
     data_needed = {"quick": "none (embedded world)",
                    "full": "CIFAR-10 at --data-root (torchvision pickles, train/test JPEG tree or cifar10-jpg.tar.gz)"}
-    interface = __doc__.split("Interface")[1]
     resumable = True
 
     def run(self, ctx: RunContext) -> RunResult:

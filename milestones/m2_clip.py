@@ -342,7 +342,6 @@ class M2(Milestone):
     data_needed = {"quick": "none (embedded world)",
                    "full": "COCO 2017 captions (train2017 + val2017 images, annotations/captions_*.json) at "
                            "<data-root>/coco and CIFAR-10 at <data-root>/cifar10 (or --download for CIFAR-10)"}
-    interface = __doc__.split("Interface")[1]
 
     def run(self, ctx: RunContext) -> RunResult:
         return run_full(ctx) if ctx.profile == "full" else run_quick(ctx)

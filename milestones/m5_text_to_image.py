@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 
@@ -451,7 +450,6 @@ class M5(Milestone):
     recipes = RECIPES
     data_needed = {"quick": "none (embedded world)",
                    "full": "CIFAR-10 at --data-root (torchvision pickles, train/test JPEG tree or cifar10-jpg.tar.gz)"}
-    interface = __doc__.split("Interface")[1]
 
     def run(self, ctx: RunContext) -> RunResult:
         return run_profile(ctx, recipe_for(ctx.profile))
