@@ -31,3 +31,23 @@ def random_crop_flip(images: torch.Tensor, g: torch.Generator, pad: int = 4, fli
         mask = torch.rand(B, generator=g) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017): one ``size`` x ``size`` square per image, centred at a
+    uniformly drawn pixel (so it may hang over the border), is set to 0 (mid-grey in [-1, 1]).
+
+    Args:
+        x: ``(B, C, H, W)`` float images in [-1, 1].
+    Returns:
+        a new ``(B, C, H, W)`` tensor; ``x`` is not modified. ``size`` 0 returns ``x`` unchanged.
+    """
+    if size <= 0:
+        return x
+    B, _, H, W = x.shape
+    cy = torch.randint(0, H, (B, 1, 1), generator=g)
+    cx = torch.randint(0, W, (B, 1, 1), generator=g)
+    rows, cols = torch.arange(H)[None, :, None], torch.arange(W)[None, None, :]
+    lo = size // 2  # the square covers [c - lo, c - lo + size) on each axis
+    inside = ((rows >= cy - lo) & (rows < cy - lo + size) & (cols >= cx - lo) & (cols < cx - lo + size))
+    return x.masked_fill(inside[:, None], 0.0)  # (B, 1, H, W) mask broadcast over channels
