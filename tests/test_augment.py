@@ -36,3 +36,28 @@ def test_cutout_masks_one_clipped_square_per_image():
         assert m.sum() == len(r) * len(c) and m[r.min():r.max() + 1, c.min():c.max() + 1].all()
     assert torch.equal(out, cutout(x, torch.Generator().manual_seed(0), size=6))
     assert cutout(x, torch.Generator().manual_seed(0), size=0) is x
+
+
+def test_m1_recipe_cutout_reaches_the_training_batches(monkeypatch, tmp_path):
+    """M1Recipe.cutout is wired: every training batch goes through cutout with the recipe's size."""
+    from dataclasses import replace
+
+    import mmsys.augment
+    from milestones import m1_vit as m1
+    from milestones.base import RunContext
+    from mmsys.data.world import make_split
+
+    calls = []
+
+    def spy(x, g, size):
+        calls.append((x.shape, size))
+        return x
+
+    monkeypatch.setattr(mmsys.augment, "cutout", spy)
+    recipe = replace(m1.RECIPES["quick"], n_train=64, steps=2, batch_size=16, warmup_steps=1, cutout=8)
+    m1.train(recipe, make_split("train", 64, single=True, captions=False), RunContext(out_dir=tmp_path, progress=False))
+    assert calls and all(size == 8 and shape[0] == 16 for shape, size in calls)
+    calls.clear()
+    m1.train(replace(recipe, cutout=0), make_split("train", 64, single=True, captions=False),
+             RunContext(out_dir=tmp_path / "off", progress=False))
+    assert calls == []
