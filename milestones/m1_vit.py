@@ -70,6 +70,7 @@ RECIPES = {
     # regularisation.
     # attempt 5 (this recipe): attempt 4 plus Cutout 8x8 (DeVries & Taylor 2017) against the
     # overfitting, and 27,000 steps (69 epochs) since the stronger augmentation slows fitting.
+    # Result: 0.6931 in 2 h 39 min (training accuracy 0.81): +0.5 points, gap narrowed, gate not met.
     # A checkpoint every 250 steps: `grader.py m1 --profile full --resume` continues an
     # interrupted run exactly.
     "full": M1Recipe(data="cifar10", n_train=None, n_test=None,
