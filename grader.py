@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-tests", action="store_true", help="do not run the shape tests first (the report says so)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted training run from its last checkpoint in OUT/<milestone>/ "
-                        "(same recipe and seed; resume is exact); milestones that support it: m1")
+                        "(same recipe and seed, or one that only extends it with a warm restart; resume "
+                        "is exact); milestones that support it: m1")
     p.add_argument("--jobs", type=int, default=1,
                    help="with 'all': grade this many milestones at once, each in its own process with "
                         "cores/jobs torch threads and its log in OUT/<milestone>.log (default 1: in turn)")

@@ -1,6 +1,6 @@
-"""Optimisation pieces of the training engine: the warmup + cosine learning-rate schedule,
-AdamW parameter groups (which parameters are weight-decayed), the EMA of the weights, and the
-bf16 autocast switch. ``cfg`` is a :class:`mmsys.train.TrainConfig`."""
+"""Optimisation pieces of the training engine: the warmup + cosine learning-rate schedule (with
+optional warm restarts), AdamW parameter groups (which parameters are weight-decayed), the EMA of
+the weights, and the bf16 autocast switch. ``cfg`` is a :class:`mmsys.train.TrainConfig`."""
 
 from __future__ import annotations
 
@@ -17,18 +17,37 @@ if TYPE_CHECKING:
 
 # ----------------------------------------------------------------------------- optimisation
 
+def cycle_at(step: int, cfg: TrainConfig) -> tuple[int, int, float]:
+    """The learning-rate cycle holding ``step``: ``(start, end, peak)``.
+
+    Without ``cfg.restarts`` there is one cycle ``(0, steps, 1.0)``. Each warm restart
+    ``(start, peak)`` (SGDR, Loshchilov & Hutter 2017, with a warmup per cycle) ends the cycle
+    before it and opens a new one at ``start`` that peaks at ``peak * cfg.lr``.
+    """
+    starts = [(0, 1.0), *cfg.restarts]
+    for i, (start, peak) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else cfg.steps
+        if step < end or i + 1 == len(starts):
+            return start, end, peak
+    raise AssertionError("unreachable")
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of ``cfg.lr`` used by optimizer step ``step`` (0-based).
 
-    Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``; then cosine from 1 at
-    ``step = warmup_steps`` to ``min_lr_ratio`` at ``step = steps``:
-    ``r + (1 - r) * 0.5 * (1 + cos(pi * (step - warmup) / (steps - warmup)))``.
+    Within a cycle ``(start, end, peak)`` (see :func:`cycle_at`; one cycle ``(0, steps, 1)``
+    unless ``cfg.restarts``), with ``s = step - start`` and ``w = warmup_steps``:
+    warmup ``peak * (s + 1) / w`` for ``s < w``; then cosine from ``peak`` at ``s = w`` to
+    ``r = min_lr_ratio`` at ``step = end``:
+    ``r + (peak - r) * 0.5 * (1 + cos(pi * (s - w) / (end - start - w)))``.
     """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    start, end, peak = cycle_at(step, cfg)
+    s = step - start
+    if s < cfg.warmup_steps:
+        return peak * (s + 1) / cfg.warmup_steps
+    progress = min(1.0, (s - cfg.warmup_steps) / max(1, end - start - cfg.warmup_steps))
     r = cfg.min_lr_ratio
-    return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return r + (peak - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -37,9 +37,9 @@ from torch import nn
 from tqdm import tqdm
 
 from mmsys.batching import batch_len, get_rng_state, mix_seed, set_rng_state, to_device
-from mmsys.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mmsys.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from mmsys.distributed import init_distributed
-from mmsys.optim import EMA, Autocast, build_optimizer, build_scheduler
+from mmsys.optim import EMA, Autocast, build_optimizer, build_scheduler, lr_factor
 
 # re-exported: the engine's public API lives in these smaller modules
 from mmsys.batching import batch_indices, rank_slice, seed_everything, split_batch  # noqa: E402,F401
@@ -58,7 +58,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine decays lr to lr * min_lr_ratio at the last step
+    min_lr_ratio: float = 0.0  # cosine decays lr to lr * min_lr_ratio at the end of each cycle
+    # warm restarts ((start_step, peak_ratio), ...): a new warmup + cosine cycle from each start,
+    # peaking at lr * peak_ratio (mmsys.optim.cycle_at); () = one cycle over all the steps
+    restarts: tuple[tuple[int, float], ...] = ()
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
     bf16: bool = False  # torch.autocast(device_type, dtype=torch.bfloat16)
@@ -74,8 +77,14 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        self.restarts = tuple((int(s), float(p)) for s, p in self.restarts)
+        starts = [s for s, _ in self.restarts]
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1 or self.log_every < 1:
             raise ValueError(f"invalid TrainConfig: {self}")
+        if starts != sorted(set(starts)) or any(not 0 < s < self.steps for s in starts) \
+                or any(p <= 0 for _, p in self.restarts):
+            raise ValueError(f"TrainConfig.restarts {self.restarts}: give increasing start steps inside "
+                             f"(0, steps={self.steps}) and positive peak ratios")
 
 
 def _plain(x: Any) -> Any:
@@ -151,6 +160,7 @@ class Trainer:
         self._last_lr = lr_at(0, cfg)
         # training time spent before this process (restored on resume) and the clock of fit()
         self.time_before = {"wall_s": 0.0, "cpu_s": 0.0, "segments": 0}
+        self.resumed_from = None  # {path, sha256, step} of the checkpoint this run continued
         self._clock = None
         if resume_from == "auto":
             resume_from = self.ckpt_path if self.ckpt_path and self.ckpt_path.exists() else None
@@ -194,19 +204,17 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was trained with model_config "
                                   f"{ck['model_config']}, this run has {self.model_config}: "
                                   f"use the same model config or start a new out_dir")
-        schedule = ("steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "seed", "grad_accum")
-        changed = {k: (ck["config"].get(k), getattr(self.cfg, k)) for k in schedule
-                   if "config" in ck and _plain(ck["config"].get(k)) != _plain(getattr(self.cfg, k))}
-        if changed:
-            raise CheckpointError(f"checkpoint {path} was trained with a different schedule "
-                                  f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}): "
-                                  f"resume with the same recipe or start a new out_dir")
+        self._check_schedule_prefix(path, ck)
         if self.ema is not None and not ck.get("ema"):
             raise CheckpointError(f"checkpoint {path} has no EMA state but ema_decay is set: "
                                   f"resume with the same ema_decay or start a new out_dir")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        # the stored lr is the checkpoint's schedule at its step; this recipe's decides (they agree
+        # on every step already trained, and when the recipe only extends the schedule, may differ here)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_factor(int(ck["step"]), self.cfg)
         if self.ema is not None:
             self.ema.load_state_dict(ck["ema"])
             self.ema.decay = self.cfg.ema_decay  # this run's recipe wins
@@ -214,6 +222,35 @@ class Trainer:
         self.step = int(ck["step"])
         self.extra = self.extra or dict(ck.get("extra") or {})
         self.time_before = dict(ck.get("time") or self.time_before)
+        self.resumed_from = {"path": str(path), "sha256": sha256_file(path), "step": self.step}
+
+    def _check_schedule_prefix(self, path, ck: dict) -> None:
+        """Resuming is exact only if the checkpoint's run did what this recipe does on every step
+        it trained: same seed, batch size and accumulation (hence the same batches and
+        augmentation), the same AdamW hyper-parameters and the same learning rate at each step.
+        The recipe may extend the run (more steps after a warm restart) but not rewrite its past;
+        what ``get_batch`` does with a step (the milestone's augmentation) is the caller's to keep."""
+        known = {k: v for k, v in (ck.get("config") or {}).items() if k in TrainConfig.__dataclass_fields__}
+        old = TrainConfig(**known) if known else None
+        same = ("batch_size", "seed", "grad_accum", "weight_decay", "betas")
+        changed = {k: (getattr(old, k), getattr(self.cfg, k)) for k in same
+                   if old is not None and getattr(old, k) != getattr(self.cfg, k)}
+        step = int(ck["step"])
+        if step > self.cfg.steps:
+            changed["steps"] = (step, self.cfg.steps)
+        if not changed and old is not None:
+            for s in range(step):
+                a, b = lr_at(s, old), lr_at(s, self.cfg)
+                if a != b:
+                    changed[f"lr at step {s}"] = (a, b)
+                    if old.steps != self.cfg.steps:
+                        changed["steps"] = (old.steps, self.cfg.steps)
+                    break
+        if changed:
+            raise CheckpointError(f"checkpoint {path} was trained with a different schedule "
+                                  f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}): "
+                                  f"resume with the same recipe (or one that only extends it with a warm "
+                                  f"restart) or start a new out_dir")
 
     def eval_model(self) -> nn.Module:
         """The model to evaluate: the EMA copy when EMA is on, else the trained model."""
@@ -357,7 +394,7 @@ class Trainer:
                    "cpu_s": time.process_time() - cpu0, "torch_threads": torch.get_num_threads(),
                    "loadavg_end": list(os.getloadavg()),
                    # all segments of a resumed run (start_step > 0): what the whole training cost
-                   "total": self.time_total()}
+                   "total": self.time_total(), "resumed_from": self.resumed_from}
         if log:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary

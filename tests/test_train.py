@@ -81,6 +81,19 @@ def test_lr_schedule_golden_values():
         sched.step()
 
 
+def test_warm_restart_schedule_golden_values():
+    cfg = TrainConfig(steps=44, batch_size=1, lr=2.0, warmup_steps=4, restarts=((20, 0.5),))
+    one = TrainConfig(steps=20, batch_size=1, lr=2.0, warmup_steps=4)
+    assert all(lr_at(s, cfg) == lr_at(s, one) for s in range(20))  # the first cycle is the 20-step run
+    assert lr_at(20, cfg) == pytest.approx(2.0 * 0.5 * 1 / 4)  # re-warmup to the new peak
+    assert lr_at(23, cfg) == pytest.approx(1.0) and lr_at(24, cfg) == pytest.approx(1.0)
+    assert lr_at(34, cfg) == pytest.approx(0.5)  # cosine midpoint of the second cycle
+    assert lr_at(44, cfg) == pytest.approx(0.0)
+    for bad in (((0, 0.5),), ((44, 0.5),), ((20, 0.0),), ((30, 0.5), (20, 0.5))):
+        with pytest.raises(ValueError, match="restarts"):
+            TrainConfig(steps=44, batch_size=1, lr=1.0, restarts=bad)
+
+
 def test_no_decay_parameter_groups():
     class Tower(nn.Module):
         def __init__(self):
@@ -227,6 +240,30 @@ def test_resume_refuses_another_schedule(tmp_path):
     make(tmp_path, steps=4).fit()
     with pytest.raises(CheckpointError, match="different schedule.*steps: 4 -> 6"):
         make(tmp_path, steps=6, resume_from="auto")
+
+
+def test_resume_extends_a_finished_run_with_a_warm_restart(tmp_path):
+    """A recipe whose first cycle is a finished run continues from that run's checkpoint and
+    ends bit-identical to training the whole recipe in one go."""
+    kw = dict(grad_accum=2, ema_decay=0.9)
+    longer = dict(steps=12, restarts=((8, 0.5),))
+    straight = make(tmp_path / "a", **kw, **longer)
+    straight.fit()
+    make(tmp_path / "b", steps=8, **kw).fit()  # the shorter run, finished
+    first = sha256_file(tmp_path / "b" / "checkpoint.pt")
+    extended = make(tmp_path / "b", init_seed=123, resume_from="auto", **kw, **longer)
+    summary = extended.fit()
+    assert summary["start_step"] == 8 and summary["steps"] == 12
+    assert summary["resumed_from"] == {"path": str(tmp_path / "b" / "checkpoint.pt"), "sha256": first, "step": 8}
+    for k, v in weights(straight.model).items():
+        assert torch.equal(extended.model.state_dict()[k], v), k
+    for k, v in straight.ema.module.state_dict().items():
+        assert torch.equal(extended.eval_model().state_dict()[k], v), k
+    # a restart inside the steps already trained would rewrite the past: refused
+    with pytest.raises(CheckpointError, match="lr at step 10"):
+        make(tmp_path / "b", steps=16, restarts=((8, 0.5), (10, 0.5)), resume_from="auto", **kw)
+    with pytest.raises(CheckpointError, match="steps: 12 -> 10"):
+        make(tmp_path / "b", steps=10, resume_from="auto", **kw)
 
 
 def test_fit_logs_summary_and_checkpoint(tmp_path):
