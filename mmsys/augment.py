@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -51,3 +54,45 @@ def cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
     lo = size // 2  # the square covers [c - lo, c - lo + size) on each axis
     inside = ((rows >= cy - lo) & (rows < cy - lo + size) & (cols >= cx - lo) & (cols < cx - lo + size))
     return x.masked_fill(inside[:, None], 0.0)  # (B, 1, H, W) mask broadcast over channels
+
+
+def mix_batch(x: torch.Tensor, labels: torch.Tensor, g: torch.Generator, n_classes: int,
+              mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+              smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) over a batch, with soft targets.
+
+    Each image ``i`` is mixed with image ``B - 1 - i`` (the batch reversed). The mixing weight
+    ``lam ~ Beta(alpha, alpha)`` is drawn once per batch from ``g``; when both alphas are set,
+    a fair coin from ``g`` picks one method per batch.
+    Mixup: ``x' = lam * x + (1 - lam) * x_rev``. CutMix: a box of area ``(1 - lam) * H * W``
+    (centre uniform, clipped at the border) is pasted from ``x_rev``, and ``lam`` becomes the
+    fraction of pixels kept. Targets: ``lam * t + (1 - lam) * t_rev`` with ``t`` the one-hot
+    label smoothed to ``(1 - smoothing) * onehot + smoothing / n_classes``.
+
+    Args:
+        x: ``(B, C, H, W)`` float images; labels: ``(B,)`` int64.
+    Returns:
+        ``(x', targets)``: ``(B, C, H, W)`` (``x`` itself when both alphas are 0) and
+        ``(B, n_classes)`` float rows summing to 1.
+    """
+    t = F.one_hot(labels, n_classes).float() * (1.0 - smoothing) + smoothing / n_classes
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return x, t
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or bool(torch.rand((), generator=g) < 0.5))
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    # torch's Beta sampler takes no generator: draw it from a numpy RNG seeded by ``g``
+    seed = int(torch.randint(0, 2**62, (), generator=g))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    x_rev = x.flip(0)
+    if use_cutmix:
+        B, _, H, W = x.shape
+        h, w = round(H * math.sqrt(1.0 - lam)), round(W * math.sqrt(1.0 - lam))
+        cy, cx = int(torch.randint(0, H, (), generator=g)), int(torch.randint(0, W, (), generator=g))
+        y0, y1 = max(cy - h // 2, 0), min(cy - h // 2 + h, H)
+        x0, x1 = max(cx - w // 2, 0), min(cx - w // 2 + w, W)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x_rev[:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        x = lam * x + (1.0 - lam) * x_rev
+    return x, lam * t + (1.0 - lam) * t.flip(0)

@@ -51,3 +51,16 @@ def test_gate_direction_and_nan():
     (gate,) = m1.MILESTONE.gates
     assert gate.passes(0.99, 0.95) and not gate.passes(0.95, 0.95) and not gate.passes(None, 0.95)
     assert not gate.passes(float("nan"), 0.95)
+
+
+def test_resume_refuses_a_changed_augmentation(data, tmp_path: Path):
+    """--resume continues only a run whose batches this recipe reproduces: a checkpoint records its
+    recipe, and a changed augmentation is refused with one clear error (the schedule may grow)."""
+    from mmsys.checkpoint import CheckpointError
+    recipe = replace(TINY, steps=4, ckpt_every=2)
+    m1.train(recipe, data[0], RunContext(out_dir=tmp_path, progress=False))
+    ctx = RunContext(out_dir=tmp_path, progress=False, resume=True)
+    with pytest.raises(CheckpointError, match="another recipe .*cutout: 0 -> 8"):
+        m1.train(replace(recipe, steps=6, cutout=8), data[0], ctx)
+    _, summary = m1.train(replace(recipe, steps=6, restarts=((4, 0.5),)), data[0], ctx)  # only extended
+    assert summary["start_step"] == 4 and summary["steps"] == 6
