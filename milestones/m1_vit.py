@@ -183,8 +183,10 @@ def check_resume_recipe(recipe: M1Recipe, path) -> None:
     stored = (load_checkpoint(path, expect_kind="vit").get("extra") or {}).get("recipe")
     if stored is None:
         return
-    plain = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}))
-    old, new = plain(stored), plain(asdict(recipe))
+    def fixed(d: dict) -> dict:  # the fields that must match, as plain JSON values
+        return json.loads(json.dumps({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}))
+
+    old, new = fixed(stored), fixed(asdict(recipe))
     changed = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
         raise CheckpointError(f"checkpoint {path} was trained with another recipe ({', '.join(changed)}): "
