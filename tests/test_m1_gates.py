@@ -64,3 +64,14 @@ def test_resume_refuses_a_changed_augmentation(data, tmp_path: Path):
         m1.train(replace(recipe, steps=6, cutout=8), data[0], ctx)
     _, summary = m1.train(replace(recipe, steps=6, restarts=((4, 0.5),)), data[0], ctx)  # only extended
     assert summary["start_step"] == 4 and summary["steps"] == 6
+
+
+def test_train_accuracy_reads_the_first_images_unaugmented(data):
+    """The report's training accuracy (the overfitting gap beside the gate) is plain top-1 accuracy
+    on the first n training images, and clips n to the split."""
+    torch.manual_seed(0)
+    model, train = ViT(ViTConfig(**TINY.model)), data[0]
+    preds = m1.predict(model, train.images[:300]).argmax(-1)
+    got = m1.train_accuracy(model, train, n=300)
+    assert got == {"accuracy": (preds == train.labels[:300]).double().mean().item(), "images": 300}
+    assert m1.train_accuracy(model, train, n=10**6)["images"] == len(train)
