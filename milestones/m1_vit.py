@@ -5,7 +5,7 @@ world's 10 shapes (quick) and CIFAR-10 (full, > 70 % test accuracy), and shows w
 
 Interface an implementation must provide (``--impl`` swaps the ``mmsys`` package):
     mmsys.vit.ViTConfig(image_size, patch_size, in_channels, dim, depth, n_heads, mlp_ratio,
-                        n_classes, dropout)
+                        n_classes, dropout[, init]: init only when a recipe sets it)
     mmsys.vit.ViT(cfg): forward(x (B,3,H,W) in [-1,1]) -> logits (B, n_classes);
                         attention_maps(x) -> [(B, heads, 1+N, 1+N)] per layer
     mmsys.vit.attention_rollout(weights) -> (B, N)

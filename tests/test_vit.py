@@ -91,3 +91,48 @@ def test_positions_resized_for_other_image_sizes():
     assert m(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     with pytest.raises(ValueError, match="square"):
         m.positions(5)
+
+
+def test_mimetic_init_products():
+    """Mimetic init (Trockman & Kolter 2023): per head W_q^T W_k is a noisy positive identity of
+    rank head_dim; W_o W_v is the noisy negative identity -0.4 I + 0.4 Z exactly (full rank)."""
+    from mmsys.attention import MultiHeadAttention, mimetic_init_
+    attn, D, k = MultiHeadAttention(64, 4), 64, 16
+    mimetic_init_(attn, generator=torch.Generator().manual_seed(0))
+    vo = attn.out.weight @ attn.kv.weight[D:]
+    off = vo - torch.diag(vo.diag())
+    assert abs(vo.diag().mean().item() + 0.4) < 0.02 and abs(off.mean().item()) < 0.01
+    for h in range(4):
+        qk = attn.q.weight[h * k:(h + 1) * k].T @ attn.kv.weight[h * k:(h + 1) * k]
+        assert torch.linalg.matrix_rank(qk) == k
+        assert qk.diag().mean() > 3 * (qk - torch.diag(qk.diag())).abs().mean()  # identity-like
+    with pytest.raises(ValueError, match="self-attention"):
+        mimetic_init_(MultiHeadAttention(64, 4, context_dim=32))
+
+
+def test_sincos_positions_fall_with_distance():
+    from mmsys.vit import sincos_positions
+    p = sincos_positions(8, 64)
+    assert p.shape == (64, 64)
+    sim = (p @ p.T)[0, :8]  # patch (0, 0) against the rest of row 0
+    assert torch.all(sim[:5] > sim[1:6]) and sim[1] > sim[4:].max()  # falls, up to small ripples
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_positions(8, 30)
+
+
+def test_mimetic_vit_attends_locally_at_init():
+    """With init="mimetic" the first block's attention starts local (on the query's patch and its
+    8 neighbours: about 3x the mass of near-uniform attention under the default init); an unknown
+    init is refused."""
+    from dataclasses import replace
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    near = {}
+    for init in ("trunc_normal", "mimetic"):
+        torch.manual_seed(0)
+        w = ViT(replace(CFG, patch_size=4, init=init)).attention_maps(x)[0][:, :, 1:, 1:].mean((0, 1))
+        r, c = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+        pos = torch.stack([r.flatten(), c.flatten()], 1).float()
+        near[init] = (w * (torch.cdist(pos, pos) <= 1.5)).sum(-1).mean().item()
+    assert near["trunc_normal"] < 0.15 and near["mimetic"] > 2 * near["trunc_normal"]
+    with pytest.raises(ValueError, match="unknown ViT init"):
+        ViT(replace(CFG, init="xavier"))
