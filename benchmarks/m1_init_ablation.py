@@ -6,8 +6,8 @@ model, data order, augmentation and schedule (a short warm-up + cosine of ``--st
 per ``--init``. Prints test accuracy on the 10,000 test images and the mean attention distance
 (in patches) of the first block at initialisation, i.e. how local attention starts out.
 
-    OMP_NUM_THREADS=1 python benchmarks/m1_init_ablation.py --init trunc_normal --steps 1200 &
-    OMP_NUM_THREADS=1 python benchmarks/m1_init_ablation.py --init mimetic --steps 1200
+    OMP_NUM_THREADS=1 python -m benchmarks.m1_init_ablation --init trunc_normal --steps 1200 &
+    OMP_NUM_THREADS=1 python -m benchmarks.m1_init_ablation --init mimetic --steps 1200
 """
 
 from __future__ import annotations
