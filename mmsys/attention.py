@@ -82,34 +82,3 @@ class MultiHeadAttention(nn.Module):
             out = F.dropout(weights, p) @ v
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.out(out), weights
-
-
-@torch.no_grad()
-def mimetic_init_(attn: MultiHeadAttention, qk: tuple[float, float] = (0.7, 0.7),
-                  vo: tuple[float, float] = (0.4, 0.4), generator: torch.Generator | None = None) -> None:
-    """Mimetic initialisation of a self-attention layer (Trockman & Kolter 2023), in place.
-
-    Trained vision transformers have ``W_q^T W_k`` close to a positive multiple of the identity
-    (a token attends to tokens like itself, e.g. at nearby positions) and ``W_o W_v`` close to a
-    negative one. This starts there: per head ``h`` (head width k)
-    ``(W_q^h)^T W_k^h ~ a1 Z_h + b1 I``, a rank-k factorisation of that D x D matrix by SVD, and
-    ``W_o W_v = a2 Z - b2 I`` exactly (full rank), with ``Z`` Gaussian of variance 1/D.
-    ``qk = (a1, b1)``, ``vo = (a2, b2)``; biases are left as they are. Self-attention only.
-    """
-    D, H, k = attn.out.weight.shape[0], attn.n_heads, attn.head_dim
-    if attn.kv.weight.shape[1] != D:
-        raise ValueError("mimetic initialisation is defined for self-attention (context_dim == dim)")
-    eye = torch.eye(D)
-
-    def noisy_identity(a: float, b: float) -> torch.Tensor:
-        return a * torch.randn(D, D, generator=generator) / math.sqrt(D) + b * eye
-
-    w_k, w_v = attn.kv.weight[:D], attn.kv.weight[D:]  # views: rows of k, then of v
-    for h in range(H):
-        U, S, Vh = torch.linalg.svd(noisy_identity(*qk))
-        root = S[:k].sqrt()[:, None]  # keep the k largest singular directions
-        attn.q.weight[h * k:(h + 1) * k] = root * U[:, :k].T
-        w_k[h * k:(h + 1) * k] = root * Vh[:k]
-    U, S, Vh = torch.linalg.svd(noisy_identity(vo[0], -vo[1]))
-    attn.out.weight.copy_(U * S.sqrt())
-    w_v.copy_(S.sqrt()[:, None] * Vh)

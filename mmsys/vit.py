@@ -10,14 +10,12 @@ The same encoder gives the patch tokens that the CLIP image tower and the captio
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsys.attention import mimetic_init_
 from mmsys.transformer import Transformer
 
 
@@ -32,10 +30,6 @@ class ViTConfig:
     mlp_ratio: float = 2.0
     n_classes: int = 10
     dropout: float = 0.0
-    # initialisation (the architecture is the same either way): "trunc_normal" everywhere, or
-    # "mimetic": self-attention as in mmsys.attention.mimetic_init_ and positional embeddings
-    # starting from a 2-D sine-cosine grid (still learned), so that attention starts local
-    init: str = "trunc_normal"
 
     @property
     def n_patches(self) -> int:
@@ -76,15 +70,6 @@ class ViT(nn.Module):
         self.encoder = Transformer(cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, dropout=cfg.dropout)
         self.head = nn.Linear(cfg.dim, cfg.n_classes) if cfg.n_classes else nn.Identity()
         self.apply(_init)
-        if cfg.init == "mimetic":
-            for block in self.encoder.blocks:
-                mimetic_init_(block.attn)
-            with torch.no_grad():
-                g = round(cfg.n_patches ** 0.5)
-                self.pos_embed[0, 1:] = sincos_positions(g, cfg.dim)
-                self.pos_embed[0, 0] = 0.0
-        elif cfg.init != "trunc_normal":
-            raise ValueError(f"unknown ViT init {cfg.init!r}: use 'trunc_normal' or 'mimetic'")
 
     def tokens(self, x: torch.Tensor, need_weights: bool = False):
         """All output tokens ``(B, 1 + N, D)`` (CLS first) and the per-layer self-attention
@@ -136,22 +121,6 @@ def attention_rollout(weights: list[torch.Tensor], residual: float = 0.5) -> tor
         rollout = a @ rollout
     cls_to_patches = rollout[:, 0, 1:]
     return cls_to_patches / cls_to_patches.sum(dim=-1, keepdim=True)
-
-
-def sincos_positions(grid: int, dim: int) -> torch.Tensor:
-    """2-D sine-cosine embeddings ``(grid * grid, dim)`` of a row-major patch grid: a quarter of
-    the channels each for sin/cos of the column and of the row, at wavelengths from 2 to
-    4 * grid patches (geometric), so nearby patches have similar embeddings (dot product falls
-    with distance) at this small grid, unlike the 10,000-token wavelengths used for text."""
-    if dim % 4:
-        raise ValueError(f"sine-cosine positions need dim divisible by 4, got {dim}")
-    n = dim // 4
-    wavelengths = 2.0 * (2.0 * grid) ** (torch.arange(n) / max(n - 1, 1))  # 2 ... 4 * grid
-    omega = 2 * math.pi / wavelengths
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    ax = cols.flatten()[:, None] * omega  # (grid*grid, n)
-    ay = rows.flatten()[:, None] * omega
-    return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
 
 
 def _init(m: nn.Module) -> None:
