@@ -25,7 +25,9 @@ from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
-    "quick": {"test_accuracy": 0.90},  # the spec's value; a correct run measured 0.912 (not raised: no margin)
+    # spec: >= 0.90. Raised to 0.92 with the 2,000-step quick recipe, which measured 0.9505 (the
+    # 1,500-step one measured 0.9095-0.912, too close to the spec's value for a CI gate)
+    "quick": {"test_accuracy": 0.92},
     "full": {"test_accuracy": 0.70},  # CIFAR-10 test accuracy > 70 % (the spec)
 }
 
@@ -41,11 +43,11 @@ class M1Recipe:
     # step 200-250), so the quick recipe trades resolution for steps.
     model: dict = field(default_factory=lambda: dict(image_size=32, patch_size=8, dim=128, depth=4, n_heads=4,
                                                      mlp_ratio=2.0, n_classes=10))
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 60
+    warmup_steps: int = 80
     label_smoothing: float = 0.0
     pad: int = 2  # random-translation augmentation (pixels)
     flip: bool = True
