@@ -25,9 +25,10 @@ from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
-    # spec: >= 0.90. Raised to 0.92 with the 2,000-step quick recipe, which measured 0.9505 (the
-    # 1,500-step one measured 0.9095-0.912, too close to the spec's value for a CI gate)
-    "quick": {"test_accuracy": 0.92},
+    # spec: >= 0.90. Raised to 0.91 with the 2,000-step quick recipe, which measured 0.9505 on
+    # 2 threads and 0.9365 on 1 (CI's setting; thread count changes the float sums): the margin
+    # covers that spread on another CPU. The 1,500-step recipe measured 0.9095-0.912.
+    "quick": {"test_accuracy": 0.91},
     "full": {"test_accuracy": 0.70},  # CIFAR-10 test accuracy > 70 % (the spec)
 }
 
