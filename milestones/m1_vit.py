@@ -221,11 +221,15 @@ def predict(model, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     return torch.cat([model(to_float(images[i:i + batch_size])).float() for i in range(0, len(images), batch_size)])
 
 
-def evaluate(model, test_split) -> dict[str, float]:
-    """The gate metric: top-1 accuracy on the test split."""
+def gate_metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The gate metric from predicted classes ``(N,)``: top-1 accuracy on the test split."""
     from eval.classification import accuracy
-    logits = predict(model, test_split.images)
-    return {"test_accuracy": accuracy(logits, test_split.labels)}
+    return {"test_accuracy": accuracy(preds, labels)}
+
+
+def evaluate(model, test_split) -> dict[str, float]:
+    """:func:`gate_metrics` of a model on a split."""
+    return gate_metrics(predict(model, test_split.images).argmax(-1), test_split.labels)
 
 
 def train_accuracy(model, train_split, n: int = 10_000) -> dict:
@@ -279,7 +283,8 @@ class M1(Milestone):
         else:
             model, summary = train(recipe, train_split, ctx)
             ckpt, info["training"] = str(ctx.out_dir / "checkpoint.pt"), summary
-        metrics = evaluate(model, test_split)
+        preds = predict(model, test_split.images).argmax(-1)  # (N,): the gate and both figures
+        metrics = gate_metrics(preds, test_split.labels)
         info["train_accuracy"] = train_accuracy(model, train_split)  # not a gate: the overfitting gap
         ctx.log(f"test accuracy {metrics['test_accuracy']:.4f}, training accuracy (first "
                 f"{info['train_accuracy']['images']} images, no augmentation) {info['train_accuracy']['accuracy']:.4f}")
@@ -289,11 +294,10 @@ class M1(Milestone):
         x = test_split.images[:k]
         from mmsys.data.split import to_float
         weights = model.attention_maps(to_float(x))
-        preds = predict(model, x).argmax(-1)
         names = test_split.classes
-        titles = [f"{names[t]} -> {names[p]}" for t, p in zip(test_split.labels[:k].tolist(), preds.tolist())]
+        titles = [f"{names[t]} -> {names[p]}" for t, p in zip(test_split.labels[:k].tolist(), preds[:k].tolist())]
         figs = [attention_figure(x, weights[-1], attention_rollout(weights), titles, ctx.path("attention_maps.png"))]
-        cm = confusion_matrix(predict(model, test_split.images).argmax(-1), test_split.labels, len(names))
+        cm = confusion_matrix(preds, test_split.labels, len(names))
         figs.append(confusion_figure(cm, names, ctx.path("confusion_matrix.png")))
         return RunResult(metrics=metrics, info=info, datasets=[train_split.summary(), test_split.summary()],
                          checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": ctx.profile},
