@@ -7,7 +7,8 @@ A milestone file (``milestones/m1_vit.py`` ...) reads like its spec. It defines
   place per milestone where the numbers live, per profile ("quick" on the embedded world,
   "full" on real data);
 - ``recipes``: the training recipe per profile;
-- ``interface``: the functions it needs from an implementation (the seam ``--impl`` swaps);
+- ``interface``: what it needs from an implementation, generated from the seam
+  (:mod:`milestones.adapters`, the only module that reaches the code under test);
 - ``run(ctx)``: train (or load ``ctx.checkpoint``), evaluate, save figures -> :class:`RunResult`.
 
 The grader (``grader.py``) turns a RunResult into gate verdicts and reports.
@@ -62,6 +63,7 @@ class RunContext:
     download: bool = False
     progress: bool = True
     resume: bool = False  # continue from out_dir/checkpoint.pt when it exists (resumable milestones)
+    smoke: bool = False  # --smoke: the profile's smoke recipe (tiny models, few steps: proves the path, not quality)
     log_lines: list[str] = field(default_factory=list)
 
     def log(self, msg: str) -> None:
@@ -108,12 +110,21 @@ class Milestone:
     data_needed: dict[str, str] = {}  # profile -> what data it needs and where to get it
     resumable: bool = False  # True: run() honours ctx.resume (training checkpoints and resumes exactly)
 
+    smoke_recipes: dict[str, Any] = {}  # profile -> the recipe ``--smoke`` runs instead
+
     @property
     def interface(self) -> str:
-        """The "Interface ..." section of the milestone module's docstring."""
-        import sys
-        doc = sys.modules[type(self).__module__].__doc__ or ""
-        return doc.split("Interface", 1)[1] if "Interface" in doc else ""
+        """What this milestone needs from an implementation, generated from the seam."""
+        from milestones.adapters import interface
+        return interface(self.id)
+
+    def recipe(self, ctx: RunContext):
+        """The recipe of ``ctx.profile``, or its smoke recipe with ``ctx.smoke``."""
+        if ctx.smoke:
+            if ctx.profile not in self.smoke_recipes:
+                raise ValueError(f"{self.id} has no smoke recipe for the {ctx.profile} profile")
+            return self.smoke_recipes[ctx.profile]
+        return self.recipes[ctx.profile]
 
     def run(self, ctx: RunContext) -> RunResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsys.data.split import to_float
+from .data.split import to_float
 
 VERSION = 1  # bump when the architecture, the data or the training code changes
 HEADS = {"shape": 10, "colour": 8, "size": 2, "col": 3, "row": 3}
@@ -176,8 +176,8 @@ def train_attribute_net(n_train: int | None = None, steps: int | None = None, se
     Returns:
         ``(model in eval mode, test accuracies dict)`` (see :func:`test_accuracies`).
     """
-    from mmsys.data.world import WorldConfig, make_split
-    from mmsys.train import TrainConfig, Trainer
+    from .data.world import WorldConfig, make_split
+    from .train import TrainConfig, Trainer
     cfg = cfg or AttributeConfig()
     over = {k: v for k, v in dict(n_train=n_train, steps=steps, seed=seed).items() if v is not None}
     cfg = AttributeConfig(**{**asdict(cfg), **over})
@@ -224,7 +224,7 @@ def test_accuracies(model: AttributeNet, n_test: int = 2000, world=None) -> dict
     """Accuracies on the world test split: ``single/<head>`` on ``n_test`` one-object scenes,
     ``mixed/n_objects`` on ``n_test`` mixed scenes and ``two/<head>`` (both slots) on the
     two-object scenes among them."""
-    from mmsys.data.world import WorldConfig, make_split
+    from .data.world import WorldConfig, make_split
     world = world or WorldConfig()
     out = {}
     for name, single in (("single", True), ("mixed", False)):
@@ -254,7 +254,7 @@ def load_or_train(cfg: AttributeConfig | None = None, progress: bool = True, cac
         ``(model in eval mode, info)``; info = ``{recipe_hash, recipe, path, sha256,
         test_accuracies, trained_now, train_s}``.
     """
-    from mmsys.data.paths import atomic_torch_save, cache_dir, sha256_file
+    from .data.paths import atomic_torch_save, cache_dir, sha256_file
     cfg = cfg or AttributeConfig()
     h = recipe_hash(cfg)
     path = cache_dir("judges") / f"attributes-{h}.pt" if cache else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmsys.cli import fail, missing_checkpoint
+from .cli import fail, missing_checkpoint
 
 DEFAULT_CHECKPOINT = Path("runs/m3/checkpoint.pt")
 
@@ -40,8 +40,8 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
 def caption_files(paths: list[str | Path], checkpoint: str | Path = DEFAULT_CHECKPOINT,
                   beam: int = 3, max_len: int = 20, alpha: float = 0.6) -> list[dict]:
     """Caption image files. Returns per file ``{"file", "beam", "greedy"}``."""
-    from mmsys.captioner import load_captioner
-    from mmsys.data.split import to_float
+    from .captioner import load_captioner
+    from .data.split import to_float
     model, tok = load_captioner(checkpoint)
     x = to_float(torch.stack([read_image(p, model.cfg.image_size) for p in paths]))
     max_len = min(max_len, model.cfg.max_len - 1)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
-    from mmsys.checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
     try:
         rows = caption_files(args.images, ckpt, args.beam, args.max_len, args.alpha)
     except CheckpointError as e:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsys.transformer import Transformer
-from mmsys.vit import ViT, ViTConfig, _init
+from .transformer import Transformer
+from .vit import ViT, ViTConfig, _init
 
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # mmsys.text.Tokenizer's special ids
 
@@ -352,8 +352,8 @@ def load_captioner(path, map_location: str = "cpu"):
     """A trained captioner and its tokenizer from a checkpoint written by the training engine
     (kind "captioner", tokenizer state in ``extra["tokenizer"]``; EMA weights when present).
     Raises :class:`mmsys.checkpoint.CheckpointError` when the file is missing or unusable."""
-    from mmsys.checkpoint import CheckpointError, load_checkpoint
-    from mmsys.text import Tokenizer
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .text import Tokenizer
     ck = load_checkpoint(path, expect_kind="captioner", required=("model_config", "extra"),
                          map_location=map_location)
     if "tokenizer" not in (ck["extra"] or {}):

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsys.transformer import Transformer
-from mmsys.vit import ViT, ViTConfig, _init
+from .transformer import Transformer
+from .vit import ViT, ViTConfig, _init
 
 
 @dataclass

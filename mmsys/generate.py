@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmsys.cli import fail, missing_checkpoint, would_overwrite
+from .cli import fail, missing_checkpoint, would_overwrite
 
 DEFAULT_CHECKPOINT = Path("runs/m5/checkpoint.pt")
 
 
 def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4, pad: int = 2) -> str:
     """uint8 (N, 3, H, W) -> one PNG grid of ceil(sqrt(N)) columns, each image upscaled ``scale``x."""
-    from mmsys.human_eval import save_png
+    from .human_eval import save_png
     n, _, h, w = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                or ("-n and --steps must be at least 1" if args.n < 1 or args.steps < 1 else None))
     if problem:
         return fail(problem)
-    from mmsys.checkpoint import CheckpointError
-    from mmsys.text2image import load_text2image
+    from .checkpoint import CheckpointError
+    from .text2image import load_text2image
     try:
         model, ck = load_text2image(ckpt, args.device)
     except CheckpointError as e:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mmsys.cli import fail, missing_checkpoint
+from .cli import fail, missing_checkpoint
 
 QUESTION = "Does the image show the prompt's colour, shape AND position? (size does not matter)"
 YES, NO = {"y", "yes", "1", "true", "t"}, {"n", "no", "0", "false", "f"}
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_cmd(a) -> int:
-    from mmsys.checkpoint import CheckpointError, sha256_file
-    from mmsys.text2image import load_text2image, world_prompts
+    from .checkpoint import CheckpointError, sha256_file
+    from .text2image import load_text2image, world_prompts
     if problem := missing_checkpoint(a.checkpoint, "text-to-image", "m5"):
         return fail(problem)
     try:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from mmsys.train import TrainConfig
+    from .train import TrainConfig
 
 # ----------------------------------------------------------------------------- optimisation
 

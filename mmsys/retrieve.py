@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from mmsys.checkpoint import CheckpointError, load_checkpoint, sha256_file
-from mmsys.clip import build_model, encode_images, encode_texts
-from mmsys.data.split import DataMissingError
-from mmsys.text import Tokenizer
+from .checkpoint import CheckpointError, load_checkpoint, sha256_file
+from .clip import build_model, encode_images, encode_texts
+from .data.split import DataMissingError
+from .text import Tokenizer
 
 DEFAULT_CHECKPOINT = Path("runs/m2/checkpoint.pt")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +57,10 @@ def load(path: Path):
 def gallery(spec: dict, image_size: int, data_root: Path | None):
     """(images uint8 (N, 3, S, S), first caption of each) of the index described by ``spec``."""
     if spec.get("dataset", "world") == "world":
-        from mmsys.data.world import WorldConfig, make_split
+        from .data.world import WorldConfig, make_split
         split = make_split(spec.get("split", "test"), spec.get("n", 2000), WorldConfig(**spec.get("world_config", {})))
     elif spec["dataset"] == "coco":
-        from mmsys.data.coco import load_coco_captions
+        from .data.coco import load_coco_captions
         root = data_root or Path(spec["root"])
         split = load_coco_captions(root, spec.get("split", "val2017"), image_size)
     else:
@@ -88,7 +88,7 @@ def build_or_load_index(model, ck: dict, ckpt_path: Path, data_root: Path | None
 
 def read_image(path: Path, size: int) -> torch.Tensor:
     """An image file -> uint8 (3, size, size) (shorter side resized, center crop)."""
-    from mmsys.data.coco import load_image
+    from .data.coco import load_image
     if not path.is_file():
         raise RetrieveError(f"no image file at {path}")
     return load_image(path, size)

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsys.cli import fail, missing_checkpoint, would_overwrite
-from mmsys.diffusion.samplers import DDIMSampler, DDPMSampler, sample
-from mmsys.diffusion.schedule import NoiseSchedule
-from mmsys.diffusion.unet import UNet, UNetConfig
+from .cli import fail, missing_checkpoint, would_overwrite
+from .diffusion.samplers import DDIMSampler, DDPMSampler, sample
+from .diffusion.schedule import NoiseSchedule
+from .diffusion.unet import UNet, UNetConfig
 
 DEFAULT_CHECKPOINT = Path("runs/m4/checkpoint.pt")
 KIND = "ddpm"  # checkpoint kind written by the m4 trainer
@@ -114,7 +114,7 @@ def load_ddpm(path: str | Path = DEFAULT_CHECKPOINT, device: str = "cpu", use_em
     Raises:
         mmsys.checkpoint.CheckpointError: missing, corrupt or not a DDPM checkpoint.
     """
-    from mmsys.checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     ck = load_checkpoint(path, expect_kind=KIND, required=("model_config",))
     mc = ck["model_config"]
     if "unet" not in mc or "schedule" not in mc:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(problem)
     if a.eta < 0 or (a.sampler == "ddpm" and a.eta != 0):
         return fail("--eta must be >= 0, and only applies to --sampler ddim")
-    from mmsys.checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
     try:
         model, schedule, info = load_ddpm(ckpt, a.device)
         make_sampler(schedule, a.sampler, a.steps)  # validate --steps before any work

@@ -68,10 +68,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsys.diffusion.samplers import DDIMSampler, DDPMSampler, guided_eps, randn
-from mmsys.diffusion.schedule import NoiseSchedule
-from mmsys.diffusion.unet import UNet, UNetConfig
-from mmsys.text_conditioning import TextConditioner, drop_conditioning, pooled_features
+from .diffusion.samplers import DDIMSampler, DDPMSampler, guided_eps, randn
+from .diffusion.schedule import NoiseSchedule
+from .diffusion.unet import UNet, UNetConfig
+from .text_conditioning import TextConditioner, drop_conditioning, pooled_features
 
 EMPTY_PROMPT = ""
 
@@ -399,9 +399,9 @@ def from_clip(cfg: T2IConfig, clip: nn.Module, tokenizer) -> TextToImage:
 
 def load_text2image(path, device: str = "cpu") -> tuple[TextToImage, dict]:
     """(model in eval mode (EMA weights when present), checkpoint dict) from a "t2i" checkpoint."""
-    from mmsys.checkpoint import CheckpointError, load_checkpoint
-    from mmsys.clip import CLIPConfig, TextTower
-    from mmsys.text import Tokenizer
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .clip import CLIPConfig, TextTower
+    from .text import Tokenizer
     ck = load_checkpoint(path, expect_kind="t2i")
     try:
         cfg = T2IConfig(**ck["model_config"])
@@ -421,7 +421,7 @@ def world_prompts(split: str = "test", n: int = 100, start: int = 0) -> tuple[li
 
     Returns (n prompts, the scene table of those scenes). ``split="heldout"`` gives the held-out
     (colour, shape) compositions never seen in training."""
-    from mmsys.data.world import canonical_caption, make_split, scene_row
+    from .data.world import canonical_caption, make_split, scene_row
     s = make_split(split, start + n, single=True, captions=False)
     scenes = {k: v[start:] for k, v in s.meta["scenes"].items()}
     return [canonical_caption(scene_row(scenes, i)) for i in range(n)], scenes

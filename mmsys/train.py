@@ -36,15 +36,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mmsys.batching import batch_len, get_rng_state, mix_seed, set_rng_state, to_device
-from mmsys.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
-from mmsys.distributed import init_distributed
-from mmsys.optim import EMA, Autocast, build_optimizer, build_scheduler, lr_factor
+from .batching import batch_len, get_rng_state, mix_seed, set_rng_state, to_device
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from .distributed import init_distributed
+from .optim import EMA, Autocast, build_optimizer, build_scheduler, lr_factor
 
 # re-exported: the engine's public API lives in these smaller modules
-from mmsys.batching import batch_indices, rank_slice, seed_everything, split_batch  # noqa: E402,F401
-from mmsys.distributed import DistInfo, cleanup_distributed, is_main_process  # noqa: E402,F401
-from mmsys.optim import lr_at, lr_factor, param_groups  # noqa: E402,F401
+from .batching import batch_indices, rank_slice, seed_everything, split_batch  # noqa: E402,F401
+from .distributed import DistInfo, cleanup_distributed, is_main_process  # noqa: E402,F401
+from .optim import lr_at, lr_factor, param_groups  # noqa: E402,F401
 
 
 @dataclass

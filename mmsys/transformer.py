@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmsys.attention import MultiHeadAttention
+from .attention import MultiHeadAttention
 
 
 class MLP(nn.Sequential):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsys.transformer import Transformer
+from .transformer import Transformer
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmsys.data.split import DataSplit
+from ..data.split import DataSplit
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon", "crescent", "heart")
 PLURALS = {s: s + ("es" if s == "cross" else "s") for s in SHAPES}

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mmsys.diffusion.schedule import NoiseSchedule
+from ..diffusion.schedule import NoiseSchedule
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 

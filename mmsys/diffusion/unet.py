@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsys.attention import MultiHeadAttention
+from ..attention import MultiHeadAttention
 
 
 @dataclass
