@@ -202,13 +202,29 @@ class Implementation:
         return self.module("augment").mix_batch(images, labels, generator, n_classes, mixup, cutmix,
                                                 label_smoothing)
 
-    # ================================================================ m2: CLIP (section owned by m2)
+    # ================================================================ m2: CLIP
+    # (the m2 methods go here, in the order the milestone uses them)
+    # ---------------------------------------------------------------- end of m2
 
-    # ================================================================ m3: captioner (section owned by m3)
 
-    # ================================================================ m4: DDPM / DDIM (section owned by m4)
 
-    # ================================================================ m5: text-to-image (section owned by m5)
+    # ================================================================ m3: captioner
+    # (the m3 methods go here, in the order the milestone uses them)
+    # ---------------------------------------------------------------- end of m3
+
+
+
+    # ================================================================ m4: DDPM / DDIM
+    # (the m4 methods go here, in the order the milestone uses them)
+    # ---------------------------------------------------------------- end of m4
+
+
+
+    # ================================================================ m5: text-to-image
+    # (the m5 methods go here, in the order the milestone uses them)
+    # ---------------------------------------------------------------- end of m5
+
+
 
 
 CANDIDATE = Implementation("mmsys")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cli import fail, missing_checkpoint
+from apps.cli import fail, missing_checkpoint
 
 DEFAULT_CHECKPOINT = Path("runs/m3/checkpoint.pt")
 

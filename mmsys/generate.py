@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cli import fail, missing_checkpoint, would_overwrite
+from apps.cli import fail, missing_checkpoint, would_overwrite
 
 DEFAULT_CHECKPOINT = Path("runs/m5/checkpoint.pt")
 

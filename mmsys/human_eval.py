@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import fail, missing_checkpoint
+from apps.cli import fail, missing_checkpoint
 
 QUESTION = "Does the image show the prompt's colour, shape AND position? (size does not matter)"
 YES, NO = {"y", "yes", "1", "true", "t"}, {"n", "no", "0", "false", "f"}

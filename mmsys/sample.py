@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import fail, missing_checkpoint, would_overwrite
+from apps.cli import fail, missing_checkpoint, would_overwrite
 from .diffusion.samplers import DDIMSampler, DDPMSampler, sample
 from .diffusion.schedule import NoiseSchedule
 from .diffusion.unet import UNet, UNetConfig

@@ -1,4 +1,4 @@
-"""What the command lines (``python -m mmsys.sample | generate | caption | human_eval``) share:
+"""What the command lines (``python -m apps.<program>``) share:
 one ``error:`` line on stderr and exit code 2 for bad input, and the same wording for a
 missing checkpoint or an output file that is already there."""
 
