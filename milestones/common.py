@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from eval.reference.checkpoint import CheckpointError, load_checkpoint
-from eval.reference.data.paths import shared_data_root
+from eval.reference.data.paths import sha256_file, shared_data_root  # noqa: F401  (re-exported)
 from eval.reference.data.split import DataMissingError, to_float, to_uint8  # noqa: F401  (re-exported)
 
 # recipe fields that map one-to-one onto TrainConfig fields, when a recipe has them
@@ -76,4 +76,4 @@ def batched(fn, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
 
 
 __all__ = ["CheckpointError", "DataMissingError", "batched", "data_root", "eval_weights", "read_checkpoint",
-           "to_float", "to_uint8", "train_config"]
+           "sha256_file", "to_float", "to_uint8", "train_config"]

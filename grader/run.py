@@ -1,0 +1,136 @@
+"""Grade one milestone: shape tests -> train or load -> every gate -> report.
+
+The shape tests run in a child pytest with the grader's checkout first on ``sys.path`` and
+``MMSYS_IMPL`` naming the implementation folder, so they test the implementation (through
+:mod:`milestones.adapters`) while the tests, data and metrics stay the grader's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from grader import EXIT_FAIL, EXIT_PASS, REPO
+
+
+def run_shape_tests(milestone, out_dir: Path, skip: bool, impl: dict) -> dict:
+    """Run the milestone's fast pytest tests (its marker, not slow) against the implementation
+    ``impl`` (:func:`milestones.adapters.use_implementation`'s record); junit XML in out_dir."""
+    if skip:
+        return {"passed": False, "skipped": True, "summary": "skipped by --skip-tests"}
+    junit = out_dir / "pytest.xml"
+    files = [str(REPO / f) for f in milestone.test_files]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO),
+           "-m", f"{milestone.marker} and not slow", f"--junitxml={junit}", *files]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env.pop("MMSYS_IMPL", None)
+    if not impl["bundled"]:
+        env["MMSYS_IMPL"] = str(Path(impl["path"]).parent)
+    print(f"== {milestone.id}: shape tests against {impl['path']}: {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    summary = lines[-1] if lines else "no output"
+    if proc.returncode != 0:
+        print(proc.stdout[-20000:], proc.stderr[-5000:], sep="\n", flush=True)
+    else:
+        print(f"   {summary}", flush=True)
+    return {"passed": proc.returncode == 0, "returncode": proc.returncode, "summary": summary,
+            "implementation": impl["path"],
+            "command": " ".join(["python"] + cmd[1:]).replace(str(REPO) + "/", ""), "junit": str(junit)}
+
+
+def out_dir_for(mid: str, args: argparse.Namespace) -> Path:
+    """OUT/<mid> for the quick profile, OUT/<mid>-<profile> otherwise (+ "-smoke" for --smoke)."""
+    name = mid if args.profile == "quick" else f"{mid}-{args.profile}"
+    return args.out / (f"{name}-smoke" if getattr(args, "smoke", False) else name)
+
+
+def options(args: argparse.Namespace) -> dict:
+    """The options a run depended on, as plain data (``verify`` re-runs with them)."""
+    return {"profile": args.profile, "smoke": bool(getattr(args, "smoke", False)), "seed": args.seed,
+            "device": args.device, "data_root": str(args.data_root) if args.data_root else None,
+            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+            "impl": str(Path(args.impl).resolve()) if args.impl else None, "download": args.download,
+            "skip_tests": args.skip_tests, "resume": args.resume}
+
+
+def gate_rows(milestone, result, profile: str) -> list[dict]:
+    """The gate rows of a run: the milestone's verdicts, or every gate unmeasured (value None,
+    failed) when nothing was run."""
+    if result:
+        return milestone.verdicts(result, profile)
+    return [{"gate": g.key, "description": g.description, "value": None, "direction": g.direction,
+             "threshold": milestone.thresholds[profile][g.key], "passed": False,
+             "note": "not measured"} for g in milestone.gates]
+
+
+def measure(milestone, args: argparse.Namespace, out_dir: Path, checkpoint: Path | None):
+    """Train (or load ``checkpoint``) and evaluate every gate: the milestone's RunResult."""
+    from milestones.base import RunContext
+    ctx = RunContext(profile=args.profile, seed=args.seed, out_dir=out_dir, device=args.device,
+                     data_root=args.data_root, checkpoint=checkpoint, download=args.download,
+                     progress=not args.no_progress, resume=args.resume, smoke=getattr(args, "smoke", False))
+    return milestone.run(ctx)  # DataMissingError / CheckpointError propagate to main -> exit 2
+
+
+def grade(mid: str, args: argparse.Namespace, impl: dict) -> int:
+    """Grade milestone ``mid`` with the options ``args``; returns the exit code."""
+    import torch
+
+    from grader.offline import record
+    from grader.report import command_line, device_info, gate_table, git_state, library_versions, write_report
+    from milestones import load
+    from milestones.adapters import BUNDLED, interface, supplied_by
+    from milestones.common import sha256_file
+
+    milestone = load(mid)
+    out_dir = out_dir_for(mid, args)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start, cpu_start, git = time.time(), time.process_time(), git_state(REPO)  # the code as it was at the start
+    report = {"milestone": mid, "title": milestone.title, "profile": args.profile,
+              "smoke": bool(getattr(args, "smoke", False)),
+              "criteria": [c.__dict__ for c in milestone.criteria],
+              "thresholds": milestone.thresholds[args.profile], "interface": interface(mid),
+              "data_needed": milestone.data_needed.get(args.profile)}
+    tests = run_shape_tests(milestone, out_dir, args.skip_tests, impl)
+    report["tests"] = tests
+    result, error = None, None
+    if tests["passed"] or tests.get("skipped"):
+        print(f"== {mid}: {milestone.title} ({args.profile} profile{', smoke' if report['smoke'] else ''})", flush=True)
+        result = measure(milestone, args, out_dir, args.checkpoint)
+    else:
+        error = "shape tests failed: gates not evaluated"
+    rows = gate_rows(milestone, result, args.profile)
+    ok = bool(result) and all(r["passed"] for r in rows) and (tests["passed"] or tests.get("skipped"))
+    ckpt = None
+    if result and result.checkpoint:
+        ckpt = {"path": str(Path(result.checkpoint).resolve()), "sha256": sha256_file(result.checkpoint),
+                "trained_here": args.checkpoint is None}
+    report.update({
+        "status": "pass" if ok else "fail", "error": error, "gates": rows,
+        "metrics": result.metrics if result else {}, "info": result.info if result else {},
+        "datasets": result.datasets if result else [], "checkpoint": ckpt,
+        "config": result.config if result else {}, "figures": result.figures if result else [],
+        "provenance": {"git": git, "command": command_line(), "seed": args.seed, "options": options(args),
+                       # what was graded, module by module, and what measured it
+                       "implementation": {**impl, "supplied_by": supplied_by()},
+                       "instruments": {"package": "eval.reference (the grader's own copy of the bundled mmsys)",
+                                       "path": str(BUNDLED), "data_judges_metrics": "eval/, eval.reference"},
+                       "libraries": library_versions(),
+                       "device": device_info(args.device), "wall_time_s": time.time() - start,
+                       # on a shared machine wall time depends on the load: CPU seconds of this
+                       # process (all its threads; shape tests excluded) and the load averages
+                       "cpu_time_s": time.process_time() - cpu_start, "torch_threads": torch.get_num_threads(),
+                       "loadavg_end": list(os.getloadavg()),
+                       "network": record(args.download),
+                       "note": "BLEU and accuracies are fractions in [0, 1] unless a key says otherwise"},
+    })
+    paths = write_report(report, out_dir)
+    print(f"\n== {mid} ({args.profile}): {report['status'].upper()}  [{time.time() - start:.0f} s]")
+    print(gate_table(rows))
+    print(f"report: {paths['markdown']}  (json: {paths['json']}, junit: {paths['junit']})\n", flush=True)
+    return EXIT_PASS if ok else EXIT_FAIL
