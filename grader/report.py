@@ -113,6 +113,10 @@ def to_markdown(report: dict) -> str:
         out += ["", "## Details", "", "```json", json.dumps(report["info"], indent=2, default=str), "```"]
     if report.get("figures"):
         out += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in report["figures"]]
+    out += ["", "## What was graded", ""] + implementation_lines(p)
+    if report.get("interface"):
+        out += ["", "<details><summary>Interface (generated from milestones/adapters.py)</summary>", "", "```",
+                report["interface"], "```", "", "</details>"]
     out += ["", "## Provenance", "", "| item | value |", "|---|---|"]
     ck = report.get("checkpoint") or {}
     out.append(f"| checkpoint | `{ck.get('path')}` sha256 `{ck.get('sha256')}` |")
@@ -123,6 +127,24 @@ def to_markdown(report: dict) -> str:
     out.append(f"| libraries | {', '.join(f'{k} {v}' for k, v in p['libraries'].items() if v)} |")
     out += ["", "Full resolved config, thresholds and hashes: `report.json`."]
     return "\n".join(out) + "\n"
+
+
+def implementation_lines(provenance: dict) -> list[str]:
+    """Which package supplied each graded module, and what measured it (Markdown lines)."""
+    impl = provenance.get("implementation") or {}
+    if not isinstance(impl, dict):  # reports written before the seam recorded only a path
+        return [f"- implementation: `{impl}`"]
+    supplied = impl.get("supplied_by") or {}
+    own = sorted(m for m, who in supplied.items() if who == "implementation")
+    bundled = sorted(m for m, who in supplied.items() if who == "bundled")
+    lines = [f"- implementation: `{impl.get('path')}`" + (" (the bundled one)" if impl.get("bundled") else ""),
+             f"- its own modules: {', '.join(f'`{m}`' for m in own) or 'none'}"]
+    if not impl.get("bundled"):
+        lines.append(f"- taken from the bundled package (the folder lacks them): "
+                     f"{', '.join(f'`{m}`' for m in bundled) or 'none'}")
+    inst = provenance.get("instruments") or {}
+    lines.append(f"- data, judges, metrics, pixel conversions: the grader's own ({inst.get('package', 'eval')})")
+    return lines
 
 
 def to_junit(report: dict) -> str:
