@@ -26,7 +26,7 @@ def attention_figure(images: torch.Tensor, last_layer: torch.Tensor, rollout: to
     Args:
         images: ``(K, 3, S, S)`` uint8.
         last_layer: ``(K, H, 1 + N, 1 + N)`` attention weights of the last block.
-        rollout: ``(K, N)`` rollout scores (see :func:`mmsys.vit.attention_rollout`).
+        rollout: ``(K, N)`` attention-rollout scores (Abnar & Zuidema 2020), each row summing to 1.
         titles: one label per image (e.g. "true: circle / pred: circle").
     """
     K, H, S = images.shape[0], last_layer.shape[1], images.shape[-1]

@@ -158,14 +158,25 @@ class Implementation:
 
     @capability("m1")
     def vit_logits(self, model, images):
-        """images (B, 3, H, W) float in [-1, 1] -> class logits (B, n_classes)."""
+        """images (B, C, H, W) float in [-1, 1] -> class logits (B, n_classes). Each image's
+        logits depend on that image only. H = W may differ from the config's image_size (the
+        full recipe trains its first steps at 16x16): the positional embeddings are resized to
+        the (H/p) x (W/p) patch grid."""
         return model(images)
 
     @capability("m1")
     def vit_patchify(self, model, images):
-        """images (B, 3, H, W) -> flattened patches (B, N, patch_size**2 * 3), row-major over
-        the patch grid, each patch flattened as (p, p, C)."""
+        """images (B, C, H, W) -> flattened patches (B, N, C * p * p), p = the model's
+        patch_size, N = (H/p) * (W/p) in row-major order over the patch grid, each patch
+        flattened channel-major as (C, p, p). Raises ValueError when H or W is not a multiple of p."""
         return self.module("vit").patchify(images, model.cfg.patch_size)
+
+    @capability("m1")
+    def vit_embeddings(self, model) -> dict:
+        """The learnable embeddings added before the encoder: ``{"cls_token": (1, 1, dim),
+        "pos_embed": (1, 1 + N, dim)}`` as the model's own nn.Parameters (N patches at the
+        config's image_size; position 0 is the CLS token's)."""
+        return {"cls_token": model.cls_token, "pos_embed": model.pos_embed}
 
     @capability("m1")
     def vit_tokens(self, model, images):

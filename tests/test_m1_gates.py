@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from eval.reference.data.world import make_split
 from milestones import m1_vit as m1
+from milestones.adapters import CANDIDATE as impl
 from milestones.base import RunContext
-from mmsys.data.world import make_split
-from mmsys.vit import ViT, ViTConfig
+from milestones.common import CheckpointError
 
 pytestmark = pytest.mark.m1
 TINY = replace(m1.RECIPES["quick"], n_train=2000, steps=30, batch_size=64, warmup_steps=5, lr=3e-3,
@@ -32,7 +33,7 @@ def gate_passes(metrics, profile="quick"):
 
 def test_untrained_model_fails_gate(data):
     torch.manual_seed(0)
-    metrics = m1.evaluate(ViT(ViTConfig(**m1.RECIPES["quick"].model)), data[1])
+    metrics = m1.evaluate(impl.vit_build(m1.RECIPES["quick"].model), data[1])
     assert metrics["test_accuracy"] < 0.25
     assert not gate_passes(metrics) and not gate_passes(metrics, "full")
 
@@ -56,7 +57,6 @@ def test_gate_direction_and_nan():
 def test_resume_refuses_a_changed_augmentation(data, tmp_path: Path):
     """--resume continues only a run whose batches this recipe reproduces: a checkpoint records its
     recipe, and a changed augmentation is refused with one clear error (the schedule may grow)."""
-    from mmsys.checkpoint import CheckpointError
     recipe = replace(TINY, steps=4, ckpt_every=2)
     m1.train(recipe, data[0], RunContext(out_dir=tmp_path, progress=False))
     ctx = RunContext(out_dir=tmp_path, progress=False, resume=True)
@@ -70,7 +70,7 @@ def test_train_accuracy_reads_the_first_images_unaugmented(data):
     """The report's training accuracy (the overfitting gap beside the gate) is plain top-1 accuracy
     on the first n training images, and clips n to the split."""
     torch.manual_seed(0)
-    model, train = ViT(ViTConfig(**TINY.model)), data[0]
+    model, train = impl.vit_build(TINY.model), data[0]
     preds = m1.predict(model, train.images[:300]).argmax(-1)
     got = m1.train_accuracy(model, train, n=300)
     assert got == {"accuracy": (preds == train.labels[:300]).double().mean().item(), "images": 300}

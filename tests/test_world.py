@@ -1,11 +1,12 @@
-"""The embedded world: deterministic, held-out compositions respected, captions faithful."""
+"""The embedded world: deterministic, held-out compositions respected, captions faithful.
 
-import pytest
+These test the grader's own data (:mod:`eval.reference.data.world`), which no implementation
+supplies, so they carry no milestone marker: graded with ``MMSYS_IMPL`` they would pass
+whatever the implementation holds. They run with the repository's own test suite."""
+
 import torch
 
-from mmsys.data import world as W
-
-pytestmark = [pytest.mark.m1, pytest.mark.m2, pytest.mark.m3, pytest.mark.m4, pytest.mark.m5]
+from eval.reference.data import world as W
 
 
 def test_deterministic_and_prefix():
