@@ -9,7 +9,8 @@ CIDEr-D, on its 0-10 scale) on the test split with beam search.
 - quick: embedded world; train on ``n_train`` train-split images (5 captions each), evaluate
   beam search (width 3) on the first 500 test-split images (500 keeps METEOR/CIDEr quick).
 - full: COCO 2017 captions at ``--data-root`` (train2017 for training; val2017, a Karpathy-style
-  split, halved by image id into val and test, 2,500 images each).
+  split, halved by image id into val and test, 2,500 images each). ``--smoke``: the same path
+  with a tiny model and 150 steps (:data:`SMOKE_RECIPES`), seconds on coco-mini.
 
 Interface: generated from the seam, ``milestones/adapters.py`` (the ``m3`` capabilities).
 """
@@ -23,7 +24,7 @@ import torch
 
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
-from milestones.common import data_root, eval_weights, read_checkpoint, to_float, train_config
+from milestones.common import CheckpointError, data_root, eval_weights, read_checkpoint, to_float, train_config
 
 # ------------------------------------------------------------------ thresholds (the one place)
 # quick: raised from the issue's 0.30 / 0.80. On the world, one constant caption for every image
@@ -156,7 +157,6 @@ def train(recipe: M3Recipe, train_split, ctx: RunContext, impl: Implementation =
 def load_trained(path, impl: Implementation = CANDIDATE):
     """(model, tokenizer, model config dict) from a captioner checkpoint, read by the grader
     (EMA weights when it kept them). Raises CheckpointError."""
-    from milestones.common import CheckpointError
     ck = read_checkpoint(path, "captioner")
     if "tokenizer" not in (ck.get("extra") or {}) or "model_config" not in ck:
         raise CheckpointError(f"checkpoint {path} has no model_config or no tokenizer state in extra['tokenizer']")
