@@ -2,7 +2,7 @@
 
 One row per image: the image with its caption as title, then one panel per generated word (the
 final <eos> included) showing the decoder's cross-attention over the patch grid, upsampled and
-overlaid on the image (heads and blocks averaged; see ``Captioner.cross_attention``).
+overlaid on the image (heads and blocks averaged; see the seam's ``captioner_cross_attention``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 
-def word_maps(ids: torch.Tensor, maps: torch.Tensor, vocab: list[str], eos_id: int = 3,
-              pad_id: int = 0) -> list[list[tuple[str, torch.Tensor]]]:
+def word_maps(ids: torch.Tensor, maps: torch.Tensor, vocab: list[str], eos_id: int,
+              pad_id: int) -> list[list[tuple[str, torch.Tensor]]]:
     """Pair each generated token with its attention map.
 
     ids (B, L): <bos> w1 .. <eos> <pad>...; maps (B, L - 1, g, g) with row k belonging to token
@@ -33,22 +33,25 @@ def word_maps(ids: torch.Tensor, maps: torch.Tensor, vocab: list[str], eos_id: i
     return out
 
 
-def caption_attention_figure(images: torch.Tensor, ids: torch.Tensor, maps: torch.Tensor, tokenizer,
-                             path: str | Path, max_words: int = 16, upsample: int = 4) -> str:
+def caption_attention_figure(images: torch.Tensor, ids: torch.Tensor, maps: torch.Tensor, path: str | Path, *,
+                             vocab: list[str], captions: list[str], eos_id: int, pad_id: int,
+                             max_words: int = 16, upsample: int = 4) -> str:
     """Save the per-word cross-attention figure as a PNG and return its path.
 
     Args:
         images: uint8 (B, 3, S, S).
         ids: generated ids (B, L) (greedy or beam search output).
-        maps: (B, L - 1, g, g) from ``Captioner.cross_attention``.
-        tokenizer: gives ``vocab`` and ``decode``.
+        maps: (B, L - 1, g, g), row k belonging to token ids[:, k + 1] (the seam's
+            ``captioner_cross_attention``).
+        vocab: the word of each id; captions: the B decoded captions (panel titles);
+        eos_id, pad_id: the end and padding ids.
         max_words: panels per row at most.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = word_maps(ids, maps, tokenizer.vocab, tokenizer.eos_id, tokenizer.pad_id)
+    rows = word_maps(ids, maps, vocab, eos_id, pad_id)
     n_cols = 1 + min(max_words, max(len(r) for r in rows))
     B, S = len(images), images.shape[-1]
     fig, axes = plt.subplots(B, n_cols, figsize=(1.3 * n_cols, 1.75 * B), squeeze=False)
@@ -58,7 +61,7 @@ def caption_attention_figure(images: torch.Tensor, ids: torch.Tensor, maps: torc
         ax = axes[b, 0]
         ax.imshow(big)
         ax.set_title("input", fontsize=7)
-        ax.text(0.0, -0.06, f'"{tokenizer.decode(ids[b].tolist())}"', transform=ax.transAxes,
+        ax.text(0.0, -0.06, f'"{captions[b]}"', transform=ax.transAxes,
                 ha="left", va="top", fontsize=8)
         words = rows[b][:max_words]
         vmax = max((float(m.max()) for _, m in words), default=1.0) or 1.0  # one scale per image

@@ -220,7 +220,128 @@ class Implementation:
 
 
     # ================================================================ m3: captioner
-    # (the m3 methods go here, in the order the milestone uses them)
+    @capability("m3")
+    def caption_tokenizer(self, texts, min_freq: int):
+        """A word tokenizer learned from ``texts`` (every training caption): words seen fewer than
+        ``min_freq`` times map to <unk>. Returns a tokenizer object that the caption methods
+        below take; ``len(tok)`` is the vocabulary size (``vocab_size`` of the captioner)."""
+        return self.module("text").Tokenizer.train(texts, min_freq=min_freq)
+
+    @capability("m3")
+    def caption_tokenizer_state(self, tok) -> dict:
+        """The tokenizer as a plain dict (stored in the checkpoint's ``extra["tokenizer"]``)."""
+        return tok.state_dict()
+
+    @capability("m3")
+    def caption_tokenizer_from_state(self, state: dict):
+        """The tokenizer back from :meth:`caption_tokenizer_state`'s dict."""
+        return self.module("text").Tokenizer.from_state_dict(state)
+
+    @capability("m3")
+    def caption_special_ids(self) -> dict:
+        """The captioner's special token ids ``{"pad", "bos", "eos"}``: sequences are
+        ``<bos> w1 .. wn <eos>`` right-padded with <pad>."""
+        c = self.module("captioner")
+        return {"pad": c.PAD_ID, "bos": c.BOS_ID, "eos": c.EOS_ID}
+
+    @capability("m3")
+    def caption_vocab(self, tok) -> list:
+        """The tokenizer's vocabulary: ``vocab[i]`` is the word (or special token) of id i."""
+        return list(tok.vocab)
+
+    @capability("m3")
+    def caption_encode_sets(self, tok, captions: list, max_len: int):
+        """Every reference caption of every image as ids: ``captions`` (per image its list of
+        strings, lengths may differ) -> (ids (N, C, L) long, count (N,) long); C = most captions
+        of an image (missing slots all <pad>), L <= ``max_len`` (<bos> .. <eos>, truncated)."""
+        return self.module("captioner").encode_caption_sets(tok, captions, max_len)
+
+    @capability("m3")
+    def caption_pairs(self, count):
+        """One training item per (image, caption): count (N,) -> (image index (M,), caption index
+        (M,)), M = count.sum(), so an epoch over the items uses every caption once."""
+        return self.module("captioner").caption_pairs(count)
+
+    @capability("m3")
+    def caption_gather(self, ids, image, caption):
+        """Caption ``caption[j]`` of image ``image[j]``: ids (N, C, L), image (b,), caption (b,) ->
+        (ids (b, 1, L'), pad_mask (b, 1, L') True = padding), L' = the longest one drawn."""
+        return self.module("captioner").gather_captions(ids, image, caption)
+
+    @capability("m3")
+    def captioner_build(self, config: dict):
+        """A captioner from its config dict (``captioner.CaptionerConfig`` fields: vocab_size,
+        max_len, image_size, patch_size, enc_dim, enc_depth, enc_heads, enc_mlp_ratio, dim, depth,
+        n_heads, mlp_ratio, dropout, tie_head): a ViT encoder (patch tokens with positions) and a
+        causal transformer decoder with cross-attention to them. Returns an nn.Module."""
+        c = self.module("captioner")
+        return c.Captioner(c.CaptionerConfig(**config))
+
+    @capability("m3")
+    def captioner_loss(self, model, images, ids, pad_mask, causal: bool = True):
+        """Teacher-forcing cross-entropy (scalar), averaged over real target tokens: images
+        (B, 3, S, S) in [-1, 1], ids and pad_mask (B, k, L) (k captions per image, True = pad).
+        ``causal=False`` drops the decoder's causal mask (an ablation the gate tests plant)."""
+        return self.module("captioner").caption_loss(model, images, ids, pad_mask, causal=causal)
+
+    @capability("m3")
+    def captioner_greedy(self, model, images, max_len: int):
+        """Greedy decoding: images (B, 3, S, S) in [-1, 1] -> ids (B, L'), ``<bos> .. <eos>``
+        right-padded with <pad>, at most ``max_len`` generated tokens (<eos> included)."""
+        return model.greedy(images, max_len=max_len)
+
+    @capability("m3")
+    def captioner_beam_search(self, model, images, beam: int, max_len: int, alpha: float,
+                              return_scores: bool = False):
+        """Batched beam search: images (B, 3, S, S) -> ids (B, L') of the best finished hypothesis
+        (as :meth:`captioner_greedy`), scored with GNMT length normalisation
+        ``log P / ((5 + |Y|) / 6) ** alpha`` (Wu et al. 2016, eq. 14); with ``return_scores``
+        also per image its finished hypotheses ``[(score, ids list), ...]`` best first.
+        Equals greedy at ``beam=1``."""
+        return model.beam_search(images, beam=beam, max_len=max_len, alpha=alpha,
+                                 return_scores=return_scores)
+
+    @capability("m3")
+    def caption_decode(self, tok, ids) -> list:
+        """ids (N, L) -> N strings: the words up to the first <eos>, special tokens dropped."""
+        return [tok.decode(s) for s in ids.tolist()]
+
+    @capability("m3")
+    def captioner_cross_attention(self, model, images, ids):
+        """Where the decoder looked for each generated token: images (B, 3, S, S), ids (B, L)
+        (decoded) -> (B, L - 1, g, g) attention mass on the g x g patch grid (heads and blocks
+        averaged, CLS share left out); row k belongs to token ``ids[:, k + 1]``."""
+        return model.cross_attention(images, ids)
+
+    @capability("m3")
+    def captioner_encode(self, model, images):
+        """images (B, 3, S, S) -> visual tokens (B, 1 + N, enc_dim): CLS, then the N = (S/p)^2
+        patches in row-major order, each with its position embedding."""
+        return model.encode(images)
+
+    @capability("m3")
+    def captioner_logits(self, model, images, ids, pad_mask=None, causal: bool = True):
+        """Teacher-forced next-token logits: images (B, 3, S, S), ids (B, L), pad_mask (B, L)
+        (True = pad) -> (B, L, vocab_size); logits[:, t] scores token t + 1 given ids[:, :t + 1]."""
+        return model(images, ids, pad_mask, causal=causal)
+
+    @capability("m3")
+    def captioner_cross_weights(self, model, images, ids) -> list:
+        """Cross-attention weights of the teacher-forced decoder: images (B, 3, S, S), ids (B, L)
+        -> per decoder block (B, heads, L, 1 + N) (text positions x CLS + patch tokens)."""
+        return model.decode(model.encode(images), ids, need_weights=True)[1]
+
+    @capability("m3")
+    def captioner_cached_log_probs(self, model, images, ids):
+        """Next-token log-probabilities one position at a time on the key/value cache (the path
+        greedy and beam search take): images (B, 3, S, S), ids (B, L) -> (B, L, vocab_size)."""
+        return model.cached_log_probs(images, ids)
+
+    @capability("m3")
+    def engine_batch_indices(self, step: int, n_items: int, batch_size: int, seed: int):
+        """The engine's global batch at ``step``: (batch_size,) indices into ``n_items`` training
+        items, a fresh seeded permutation per epoch (each item once per epoch)."""
+        return self.module("train").batch_indices(step, n_items, batch_size, seed)
     # ---------------------------------------------------------------- end of m3
 
 

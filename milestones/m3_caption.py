@@ -9,19 +9,10 @@ CIDEr-D, on its 0-10 scale) on the test split with beam search.
 - quick: embedded world; train on ``n_train`` train-split images (5 captions each), evaluate
   beam search (width 3) on the first 500 test-split images (500 keeps METEOR/CIDEr quick).
 - full: COCO 2017 captions at ``--data-root`` (train2017 for training; val2017, a Karpathy-style
-  split, halved by image id into val and test, 2,500 images each).
+  split, halved by image id into val and test, 2,500 images each). ``--smoke``: the same path
+  with a tiny model and 150 steps (:data:`SMOKE_RECIPES`), seconds on coco-mini.
 
-Interface an implementation must provide (``--impl`` swaps the ``mmsys`` package):
-    mmsys.captioner.CaptionerConfig(vocab_size, max_len, image_size, patch_size, enc_*, dim,
-                                    depth, n_heads, mlp_ratio, dropout, tie_head)
-    mmsys.captioner.Captioner(cfg): forward(images (B,3,S,S), ids (B,L), pad_mask) -> (B,L,V);
-        encode(images) -> (B,1+N,Dv); greedy(images, max_len) -> ids (B,L');
-        beam_search(images, beam, max_len, alpha) -> ids (B,L');
-        cross_attention(images, ids) -> (B, L'-1, g, g)
-    mmsys.captioner.caption_loss, encode_caption_sets, caption_pairs, gather_captions,
-        load_captioner
-    mmsys.text.Tokenizer, mmsys.train.Trainer / TrainConfig, mmsys.data.world.make_split,
-    mmsys.data.coco.load_coco_captions, eval.captions.score_captions
+Interface: generated from the seam, ``milestones/adapters.py`` (the ``m3`` capabilities).
 """
 
 from __future__ import annotations
@@ -31,8 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
-from mmsys.captioner import COCO_CONFIG, CaptionerConfig
+from milestones.common import CheckpointError, data_root, eval_weights, read_checkpoint, to_float, train_config
 
 # ------------------------------------------------------------------ thresholds (the one place)
 # quick: raised from the issue's 0.30 / 0.80. On the world, one constant caption for every image
@@ -46,9 +38,14 @@ THRESHOLDS = {
 
 
 # ------------------------------------------------------------------ training recipes
-def model_dict(cfg: CaptionerConfig) -> dict:
-    """A model configuration without its vocabulary size (that comes from the tokenizer)."""
-    return {k: v for k, v in asdict(cfg).items() if k != "vocab_size"}
+# Captioner configurations without the vocabulary size (that comes from the tokenizer).
+# quick: 32x32 world scenes, 8-pixel patches (16 image tokens + CLS, 4x cheaper than 4-pixel ones).
+QUICK_MODEL = dict(max_len=24, image_size=32, patch_size=8, enc_dim=128, enc_depth=4, enc_heads=4,
+                   enc_mlp_ratio=2.0, dim=128, depth=2, n_heads=4, mlp_ratio=4.0,
+                   dropout=0.0,  # the quick run is far from overfitting
+                   tie_head=True)
+COCO_MODEL = dict(QUICK_MODEL, max_len=32, image_size=128, patch_size=16, enc_dim=384, enc_depth=6,
+                  enc_heads=6, enc_mlp_ratio=4.0, dim=384, depth=4, n_heads=6, dropout=0.1)
 
 
 @dataclass
@@ -56,7 +53,7 @@ class M3Recipe:
     data: str = "world"  # "world" (embedded) or "coco"
     n_train: int | None = 10_240  # training images (None = the whole split)
     n_test: int | None = 500  # test images scored (None = the whole test split)
-    model: dict = field(default_factory=lambda: model_dict(CaptionerConfig()))
+    model: dict = field(default_factory=lambda: dict(QUICK_MODEL))
     min_freq: int = 1  # tokenizer: words seen fewer times in training captions map to <unk>
     steps: int = 600
     batch_size: int = 128  # (image, caption) pairs per step; an epoch visits every pair once
@@ -76,24 +73,34 @@ RECIPES = {
     "quick": M3Recipe(),
     "full": M3Recipe(
         data="coco", n_train=None, n_test=None, min_freq=5,
-        model=model_dict(COCO_CONFIG),
+        model=dict(COCO_MODEL),
         steps=60_000, batch_size=128, lr=5e-4, warmup_steps=2_000, ema_decay=0.999, bf16=True,
         max_gen=30, max_minutes=None),
 }
-# The COCO path end to end in seconds (real images, real references): tests and the smoke proof.
-COCO_SMOKE = replace(RECIPES["full"], model=dict(RECIPES["full"].model, image_size=64, patch_size=16,
-                                                 enc_dim=64, enc_depth=1, enc_heads=2, dim=64,
-                                                 depth=1, n_heads=2),
-                     min_freq=1, steps=150, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=None,
-                     bf16=False, max_gen=16, decode_batch=64, max_minutes=2.0)
+# The COCO path end to end in seconds (real images, real references): ``--smoke`` and the tests.
+SMOKE_RECIPES = {"full": replace(
+    RECIPES["full"], model=dict(RECIPES["full"].model, image_size=64, patch_size=16, enc_dim=64, enc_depth=1,
+                                enc_heads=2, dim=64, depth=1, n_heads=2),
+    min_freq=1, steps=150, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=None, bf16=False, max_gen=16,
+    decode_batch=64, max_minutes=2.0)}
 
 
-# ------------------------------------------------------------------ data
+def decoding(recipe: M3Recipe) -> dict:
+    """The recipe's decoding settings as the keyword arguments of :func:`caption_images`."""
+    return dict(beam=recipe.beam, alpha=recipe.alpha, max_len=recipe.max_gen, batch_size=recipe.decode_batch)
+
+
+# ------------------------------------------------------------------ data (the grader's own)
+COCO_NEEDED = ("m3 full profile needs MS-COCO 2017 captions: pass --data-root pointing at a folder with "
+               "train2017/, val2017/ and annotations/captions_{train,val}2017.json (from "
+               "https://cocodataset.org/#download: train2017.zip, val2017.zip, annotations_trainval2017.zip)")
+
+
 def coco_splits(root, image_size: int, limit: int | None = None):
     """Karpathy-style COCO 2017 split: train = train2017; val2017's present images, sorted by
     image id, halved into val (first half) and test (second half). Raises DataMissingError."""
-    from mmsys.data.coco import load_coco_captions
-    from mmsys.data.split import DataSplit
+    from eval.reference.data.coco import load_coco_captions
+    from eval.reference.data.split import DataSplit
     train = load_coco_captions(root, "train2017", image_size, limit=limit)
     val_all = load_coco_captions(root, "val2017", image_size)
     h = len(val_all) // 2
@@ -108,18 +115,11 @@ def coco_splits(root, image_size: int, limit: int | None = None):
 
 
 def load_data(recipe: M3Recipe, ctx: RunContext):
-    """(train, test) DataSplits with captions."""
+    """(train, test) DataSplits with captions, from the grader's own loaders."""
     if recipe.data == "world":
-        from mmsys.data.world import make_split
+        from eval.reference.data.world import make_split
         return make_split("train", recipe.n_train), make_split("test", recipe.n_test)
-    from mmsys.data.split import DataMissingError
-    if ctx.data_root is None:
-        raise DataMissingError(
-            "m3 full profile needs MS-COCO 2017 captions: pass --data-root pointing at a folder with "
-            "train2017/, val2017/ and annotations/captions_{train,val}2017.json (from "
-            "https://cocodataset.org/#download: train2017.zip, val2017.zip, "
-            "annotations_trainval2017.zip)")
-    train, _, test = coco_splits(ctx.data_root, recipe.model["image_size"], recipe.n_train)
+    train, _, test = coco_splits(data_root(ctx, "coco", COCO_NEEDED), recipe.model["image_size"], recipe.n_train)
     if recipe.n_test is not None:
         test = replace(test, images=test.images[:recipe.n_test], captions=test.captions[:recipe.n_test],
                        meta={k: v[:recipe.n_test] for k, v in test.meta.items()})
@@ -127,82 +127,85 @@ def load_data(recipe: M3Recipe, ctx: RunContext):
 
 
 # ------------------------------------------------------------------ train / load
-def train(recipe: M3Recipe, train_split, ctx: RunContext):
-    """Train a captioner with the shared engine (teacher forcing, all captions of each image).
-    Returns (model, tokenizer, trainer summary). (The gate-honesty tests plant bugs by patching
-    ``mmsys.captioner.caption_loss`` or ``Captioner.encode``, looked up here at call time.)"""
-    from mmsys import captioner
-    from mmsys.captioner import Captioner, CaptionerConfig, caption_pairs, encode_caption_sets, gather_captions
-    from mmsys.data.split import to_float
-    from mmsys.text import Tokenizer
-    from mmsys.train import TrainConfig, Trainer
-
-    tok = Tokenizer.train((c for caps in train_split.captions for c in caps), min_freq=recipe.min_freq)
-    mcfg = CaptionerConfig(vocab_size=len(tok), **recipe.model)
-    ids, count = encode_caption_sets(tok, train_split.captions, mcfg.max_len)
-    pair_image, pair_caption = caption_pairs(count)  # one training item per (image, caption)
+def train(recipe: M3Recipe, train_split, ctx: RunContext, impl: Implementation = CANDIDATE):
+    """Train a captioner with the implementation's engine (teacher forcing, every caption of every
+    image). Returns (model, tokenizer, model config dict, trainer summary). The gate-honesty tests
+    pass an ``impl`` with a planted bug (no causal mask in the loss, the image blanked)."""
+    tok = impl.caption_tokenizer((c for caps in train_split.captions for c in caps), min_freq=recipe.min_freq)
+    model_config = {"vocab_size": len(tok), **recipe.model}
+    ids, count = impl.caption_encode_sets(tok, train_split.captions, model_config["max_len"])
+    pair_image, pair_caption = impl.caption_pairs(count)  # one training item per (image, caption)
     torch.manual_seed(ctx.seed)
-    model = Captioner(mcfg)
+    model = impl.captioner_build(model_config)
     images = train_split.images
-    cfg = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                      weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
-                      bf16=recipe.bf16, ema_decay=recipe.ema_decay, seed=ctx.seed,
-                      out_dir=str(ctx.out_dir), device=ctx.device, progress=ctx.progress,
-                      log_every=25, max_seconds=recipe.max_minutes * 60 if recipe.max_minutes else None)
 
     def get_batch(idx, g):
-        c, pad = gather_captions(ids, pair_image[idx], pair_caption[idx])
+        c, pad = impl.caption_gather(ids, pair_image[idx], pair_caption[idx])
         return to_float(images[pair_image[idx]]), c, pad
 
     def loss_fn(model, batch):
         x, c, pad = batch
-        return captioner.caption_loss(model, x, c, pad), {}
+        return impl.captioner_loss(model, x, c, pad), {}
 
-    trainer = Trainer(model, cfg, loss_fn=loss_fn, data_size=len(pair_image), get_batch=get_batch,
-                      kind="captioner", model_config=asdict(mcfg),
-                      extra={"tokenizer": tok.state_dict()})
+    trainer = impl.trainer(model, train_config(recipe, ctx, log_every=25), loss_fn=loss_fn,
+                           data_size=len(pair_image), get_batch=get_batch, kind="captioner",
+                           model_config=model_config, extra={"tokenizer": impl.caption_tokenizer_state(tok)})
     summary = trainer.fit()
-    return trainer.eval_model().eval(), tok, summary
+    return trainer.eval_model().eval(), tok, model_config, summary
+
+
+def load_trained(path, impl: Implementation = CANDIDATE):
+    """(model, tokenizer, model config dict) from a captioner checkpoint, read by the grader
+    (EMA weights when it kept them). Raises CheckpointError."""
+    ck = read_checkpoint(path, "captioner")
+    if "tokenizer" not in (ck.get("extra") or {}) or "model_config" not in ck:
+        raise CheckpointError(f"checkpoint {path} has no model_config or no tokenizer state in extra['tokenizer']")
+    model = impl.captioner_build(ck["model_config"])
+    model.load_state_dict(eval_weights(ck))
+    return model.eval(), impl.caption_tokenizer_from_state(ck["extra"]["tokenizer"]), ck["model_config"]
 
 
 # ------------------------------------------------------------------ decoding and metrics
-def generate(model, tok, images: torch.Tensor, recipe: M3Recipe, method: str = "beam",
-             progress: bool = False) -> tuple[list[str], torch.Tensor]:
-    """uint8 images (N, 3, S, S) -> (captions, ids (N, L) padded) by beam search or greedy."""
+def caption_images(model, tok, images: torch.Tensor, *, method: str, beam: int, alpha: float, max_len: int,
+                   batch_size: int, progress: bool = False, impl: Implementation = CANDIDATE
+                   ) -> tuple[list[str], torch.Tensor]:
+    """Caption uint8 images (N, 3, S, S) by ``method`` "beam" (width ``beam``, length exponent
+    ``alpha``) or "greedy", at most ``max_len`` generated tokens, ``batch_size`` images at a time.
+    Returns (N captions, ids (N, L) right-padded)."""
     from tqdm import tqdm
-
-    from mmsys.data.split import to_float
-    out, bs, dev = [], recipe.decode_batch, next(model.parameters()).device
-    for i in tqdm(range(0, len(images), bs), desc=f"decode {method}", disable=not progress):
-        x = to_float(images[i:i + bs].to(dev))
+    out, dev = [], next(model.parameters()).device
+    for i in tqdm(range(0, len(images), batch_size), desc=f"decode {method}", disable=not progress):
+        x = to_float(images[i:i + batch_size].to(dev))
         if method == "beam":
-            out.append(model.beam_search(x, beam=recipe.beam, max_len=recipe.max_gen, alpha=recipe.alpha))
+            out.append(impl.captioner_beam_search(model, x, beam=beam, max_len=max_len, alpha=alpha))
         else:
-            out.append(model.greedy(x, max_len=recipe.max_gen))
+            out.append(impl.captioner_greedy(model, x, max_len=max_len))
     L = max(o.shape[1] for o in out)
     ids = torch.cat([torch.nn.functional.pad(o, (0, L - o.shape[1])) for o in out]).cpu()
-    return [tok.decode(s) for s in ids.tolist()], ids
+    return impl.caption_decode(tok, ids), ids
 
 
-def evaluate(model, tok, test_split, recipe: M3Recipe, progress: bool = False,
-             methods: tuple[str, ...] = ("beam", "greedy")) -> tuple[dict, dict]:
-    """Caption metrics on the test split. Returns (metrics, info). Beam-search numbers carry the
-    plain names (the gate keys ``BLEU-4``, ``CIDEr``); greedy ones the prefix ``greedy_``.
-    Raises eval.captions.JavaMissingError without Java."""
-    from eval.captions import score_captions
-    metrics, info = {}, {"n_test_images": len(test_split), "samples": {}, "decode_s": {}, "score_s": {}}
+def evaluate(model, tok, images: torch.Tensor, references: list[list[str]], *, beam: int, alpha: float,
+             max_len: int, batch_size: int, progress: bool = False, methods: tuple[str, ...] = ("beam", "greedy"),
+             impl: Implementation = CANDIDATE) -> tuple[dict, dict]:
+    """Caption metrics of uint8 test ``images`` (N, 3, S, S) against their ``references`` (per
+    image its captions), decoding as :func:`caption_images`. Returns (metrics, info). Beam-search
+    numbers carry the plain names (the gate keys ``BLEU-4``, ``CIDEr``); greedy ones the prefix
+    ``greedy_``. Raises eval.caption_metrics.JavaMissingError without Java."""
+    from eval.caption_metrics import score_captions
+    metrics, info = {}, {"n_test_images": len(images), "samples": {}, "decode_s": {}, "score_s": {}}
     for method in methods:
         t0 = time.perf_counter()
-        caps, _ = generate(model, tok, test_split.images, recipe, method, progress)
+        caps, _ = caption_images(model, tok, images, method=method, beam=beam, alpha=alpha, max_len=max_len,
+                                 batch_size=batch_size, progress=progress, impl=impl)
         info["decode_s"][method] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        scores = score_captions(caps, test_split.captions)
+        scores = score_captions(caps, references)
         info["score_s"][method] = round(time.perf_counter() - t0, 2)
         prefix = "" if method == "beam" else f"{method}_"
         metrics.update({prefix + k: v for k, v in scores.items() if isinstance(v, float)})
         info["skipped"] = scores["skipped"]
-        info["samples"][method] = [{"prediction": p, "references": r}
-                                   for p, r in zip(caps[:8], test_split.captions[:8])]
+        info["samples"][method] = [{"prediction": p, "references": r} for p, r in zip(caps[:8], references[:8])]
         info[f"mean_words_{method}"] = sum(len(c.split()) for c in caps) / len(caps)
     info["scales"] = ("BLEU-1..4, METEOR, ROUGE_L on the 0-1 scale; CIDEr is pycocoevalcap's CIDEr-D "
                       "(IDF from the test references; 0-10 scale, papers print x100)")
@@ -233,8 +236,8 @@ class M3(Milestone):
         Criterion("teacher forcing uses all captions of an image",
                   "test:tests/test_captioner.py::test_all_captions_used"),
         Criterion("metric wrapper on a hand-made reference set with known scores",
-                  "test:tests/test_eval_captions.py"),
-        Criterion("gates fail for an untrained model, without the causal mask and with cross-attention cut",
+                  "test:tests/test_eval_caption_metrics.py"),
+        Criterion("gates fail for an untrained model, without the causal mask and with the image cut off",
                   "test:tests/test_m3_gates.py"),
         Criterion("COCO path end to end on real images and references (coco-mini, when present)",
                   "test:tests/test_m3_gates.py::test_coco_mini_end_to_end"),
@@ -249,34 +252,34 @@ class M3(Milestone):
     )
     thresholds = THRESHOLDS
     recipes = RECIPES
+    smoke_recipes = SMOKE_RECIPES
     data_needed = {"quick": "none (embedded world)",
                    "full": "MS-COCO 2017 at --data-root: train2017/, val2017/, "
                            "annotations/captions_train2017.json, annotations/captions_val2017.json"}
 
-    def run(self, ctx: RunContext, recipe: M3Recipe | None = None) -> RunResult:
+    def run(self, ctx: RunContext) -> RunResult:
         from eval.caption_figures import caption_attention_figure
-        from eval.captions import JavaMissingError
-        from mmsys.captioner import load_captioner
-        from mmsys.data.split import to_float
+        from eval.caption_metrics import JavaMissingError
 
-        recipe = recipe or RECIPES[ctx.profile]
+        impl, recipe = CANDIDATE, self.recipe(ctx)
         t0 = time.perf_counter()
         train_split, test_split = load_data(recipe, ctx)
         ctx.log(f"data: {train_split.name} {len(train_split)} images, {test_split.name} "
                 f"{len(test_split)} images ({time.perf_counter() - t0:.1f} s)")
         info: dict = {"data_s": round(time.perf_counter() - t0, 1)}
         if ctx.checkpoint:
-            model, tok = load_captioner(ctx.checkpoint)
+            model, tok, model_config = load_trained(ctx.checkpoint, impl)
             model = model.to(ctx.device)
             ckpt = str(ctx.checkpoint)
         else:
-            model, tok, summary = train(recipe, train_split, ctx)
+            model, tok, model_config, summary = train(recipe, train_split, ctx, impl)
             ckpt, info["training"] = str(ctx.out_dir / "checkpoint.pt"), summary
         info["model"] = {"parameters": sum(p.numel() for p in model.parameters()),
                          "vocab_size": len(tok), "output_head": "tied to the token embedding"
-                         if model.cfg.tie_head else "untied"}
+                         if model_config["tie_head"] else "untied"}
         try:
-            metrics, ev = evaluate(model, tok, test_split, recipe, progress=ctx.progress)
+            metrics, ev = evaluate(model, tok, test_split.images, test_split.captions, **decoding(recipe),
+                                   progress=ctx.progress, impl=impl)
             info.update(ev)
             ctx.log(f"beam: BLEU-4 {metrics['BLEU-4']:.3f} CIDEr {metrics['CIDEr']:.3f}; greedy: "
                     f"BLEU-4 {metrics['greedy_BLEU-4']:.3f} CIDEr {metrics['greedy_CIDEr']:.3f}")
@@ -287,14 +290,17 @@ class M3(Milestone):
 
         # figure: 4 test images, their beam captions, and per word where the decoder looked
         x = test_split.images[:4]
-        caps, ids = generate(model, tok, x, recipe, "beam")
+        caps, ids = caption_images(model, tok, x, method="beam", **decoding(recipe), impl=impl)
         dev = next(model.parameters()).device
-        maps = model.cross_attention(to_float(x.to(dev)), ids.to(dev)).cpu()
-        fig = caption_attention_figure(x, ids, maps, tok, ctx.path("caption_attention.png"))
+        maps = impl.captioner_cross_attention(model, to_float(x.to(dev)), ids.to(dev)).cpu()
+        special = impl.caption_special_ids()
+        fig = caption_attention_figure(x, ids, maps, ctx.path("caption_attention.png"),
+                                       vocab=impl.caption_vocab(tok), captions=caps, eos_id=special["eos"],
+                                       pad_id=special["pad"])
         info["figure_captions"] = caps
         return RunResult(metrics=metrics, info=info, datasets=[train_split.summary(), test_split.summary()],
                          checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": ctx.profile,
-                                                  "model": asdict(model.cfg)},
+                                                  "model": dict(model_config)},
                          figures=[fig])
 
 

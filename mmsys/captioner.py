@@ -51,7 +51,7 @@ def _eval_mode(fn):
 
 @dataclass
 class CaptionerConfig:
-    """Defaults are the quick profile (32x32 world scenes); :data:`COCO_CONFIG` is the full one."""
+    """Defaults suit 32x32 world scenes (m3's quick profile, whose recipe spells out every field)."""
 
     vocab_size: int = 64  # set from the tokenizer
     max_len: int = 24  # positions: <bos> + words + <eos>
@@ -74,11 +74,6 @@ class CaptionerConfig:
         return ViTConfig(image_size=self.image_size, patch_size=self.patch_size, dim=self.enc_dim,
                          depth=self.enc_depth, n_heads=self.enc_heads, mlp_ratio=self.enc_mlp_ratio,
                          n_classes=0, dropout=self.dropout)
-
-
-COCO_CONFIG = CaptionerConfig(vocab_size=10_000, max_len=32, image_size=128, patch_size=16,
-                              enc_dim=384, enc_depth=6, enc_heads=6, dim=384, depth=4, n_heads=6,
-                              enc_mlp_ratio=4.0, dropout=0.1)
 
 
 class Captioner(nn.Module):
@@ -169,6 +164,14 @@ class Captioner(nn.Module):
             x = x + a.out(o.transpose(1, 2).reshape(B, 1, -1))
             x = x + blk.mlp(blk.ln2(x))
         return self.head(self.decoder.ln_f(x))[:, 0].float().log_softmax(-1)
+
+    @_eval_mode
+    def cached_log_probs(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The incremental path end to end: images (B, 3, S, S), ids (B, L) -> next-token
+        log-probs (B, L, V), one :meth:`_step` per position on the cache (what greedy and beam
+        search run); equals ``forward(images, ids).log_softmax(-1)``."""
+        cache = self._start_cache(self.encode(images))
+        return torch.stack([self._step(ids[:, t], t, cache) for t in range(ids.shape[1])], dim=1)
 
     def _mask_specials(self, logp: torch.Tensor, last: bool) -> torch.Tensor:
         """Never emit <pad>/<bos>; at the last allowed step only <eos> (the maximum length)."""

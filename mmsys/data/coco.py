@@ -15,10 +15,9 @@ import contextlib
 import io
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from ..images import load_image, resize_center_crop  # noqa: F401  (re-exported: the one resize)
 from .split import DataMissingError, DataSplit
 
 
@@ -27,29 +26,6 @@ def _how_to_get(root: Path, split: str) -> str:
             f"https://cocodataset.org/#download and unzip them into {root}, so that "
             f"{root}/annotations/captions_{split}.json and {root}/{split}/ exist "
             f"(or pass --data-root / annotations=...).")
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (bicubic, antialiased), then center-crop to
-    ``size x size``."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def load_image(path, size: int) -> torch.Tensor:
-    """One image file -> uint8 ``(3, size, size)`` RGB (shorter side resized, center crop).
-
-    JPEGs are decoded at a reduced DCT scale when much larger than ``size`` (PIL draft mode),
-    which is several times faster and visually equivalent after the downscale.
-    """
-    with Image.open(path) as img:
-        img.draft("RGB", (2 * size, 2 * size))
-        img = resize_center_crop(img.convert("RGB"), size)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
 def _read_coco(ann_file: Path):

@@ -1,4 +1,4 @@
-"""Caption metrics (eval/captions.py): hand-computed golden values and a pinned regression.
+"""Caption metrics (eval/caption_metrics.py): hand-computed golden values and a pinned regression.
 
 Needs Java for the PTB tokenizer and METEOR; those tests skip with a reason without it.
 """
@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from eval import captions
-from eval.captions import JavaMissingError, score_captions
+from eval import caption_metrics
+from eval.caption_metrics import JavaMissingError, score_captions
 
-needs_java = pytest.mark.skipif(not captions.java_available(),
+needs_java = pytest.mark.skipif(not caption_metrics.java_available(),
                                 reason="no Java runtime (apt-get install -y default-jre-headless)")
 FAST = ("BLEU", "ROUGE_L", "CIDEr")
 
@@ -27,7 +27,7 @@ EX_REFS = {"a": REFS, "b": ["Two cats sleep on a red sofa."],
 
 
 def test_java_missing_raises_clear_error(monkeypatch):
-    monkeypatch.setattr(captions, "java_available", lambda: False)
+    monkeypatch.setattr(caption_metrics, "java_available", lambda: False)
     with pytest.raises(JavaMissingError, match="apt-get install -y default-jre-headless"):
         score_captions([PRED], [REFS])
 
@@ -43,7 +43,7 @@ def test_input_validation():
 
 @needs_java
 def test_ptb_tokenizer_keeps_lines_aligned():
-    out = captions.ptb_tokenize(["A dog, running!", "", "Two\ncats\u2028sleep.", "Done."])
+    out = caption_metrics.ptb_tokenize(["A dog, running!", "", "Two\ncats\u2028sleep.", "Done."])
     assert out == ["a dog running", "", "two cats sleep", "done"]
 
 
@@ -95,12 +95,12 @@ def test_regression_three_images_all_metrics(monkeypatch):
     for k, v in golden.items():
         assert r[k] == pytest.approx(v, rel=1e-9), k
     assert r["METEOR"] == pytest.approx(0.30622927190774435, abs=1e-6)
-    if captions.spice_missing_reason():
+    if caption_metrics.spice_missing_reason():
         assert "SPICE" not in r and "CoreNLP" in r["skipped"]["SPICE"]
     # a second call reuses the METEOR JVM; identical caption -> METEOR exactly 1
-    scorer = captions.meteor_scorer()
+    scorer = caption_metrics.meteor_scorer()
     r2 = score_captions(["a b c d e f"], [["a b c d e f"]], metrics=("METEOR",))
-    assert r2["METEOR"] == 1.0 and captions.meteor_scorer() is scorer
+    assert r2["METEOR"] == 1.0 and caption_metrics.meteor_scorer() is scorer
 
 
 class _FakeMeteor:
@@ -122,9 +122,9 @@ class _FakeMeteor:
 @pytest.mark.parametrize("hang,reason", [(True, "TimeoutError"), (False, "ValueError")])
 def test_meteor_failure_is_reported_as_skipped(monkeypatch, hang, reason):
     fake = _FakeMeteor(hang)
-    monkeypatch.setattr(captions, "meteor_scorer", lambda: fake)
-    monkeypatch.setattr(captions, "ptb_tokenize", lambda s: [x.lower() for x in s])
-    monkeypatch.setattr(captions, "java_available", lambda: True)
+    monkeypatch.setattr(caption_metrics, "meteor_scorer", lambda: fake)
+    monkeypatch.setattr(caption_metrics, "ptb_tokenize", lambda s: [x.lower() for x in s])
+    monkeypatch.setattr(caption_metrics, "java_available", lambda: True)
     r = score_captions(["a b"], [["a b"]], metrics=("METEOR", "BLEU"), meteor_timeout=1.0)
     assert "METEOR" not in r and reason in r["skipped"]["METEOR"]
     assert r["BLEU-1"] == pytest.approx(1.0, abs=1e-8)
