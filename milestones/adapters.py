@@ -149,7 +149,7 @@ class Implementation:
         return train.Trainer(model, train.TrainConfig(**config), **kwargs)
 
     # ---------------------------------------------------------------- m1: ViT
-    @capability("m1", "m3")
+    @capability("m1")
     def vit_build(self, config: dict):
         """A ViT from its config dict (``vit.ViTConfig`` fields: image_size, patch_size,
         in_channels, dim, depth, n_heads, mlp_ratio, n_classes, dropout). Returns an nn.Module."""
