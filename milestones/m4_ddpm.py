@@ -387,7 +387,7 @@ class M4(Milestone):
                   "test:tests/test_m4.py::test_eps_loss_is_ddpm_simple_loss"),
         Criterion("python -m apps.sample writes a grid; clear errors", "test:tests/test_apps_sample.py::test_sample_cli"),
         Criterion("in-domain FID extractor frozen, versioned, with its own test accuracies",
-                  "test:tests/test_m4.py::test_attribute_net_api_and_cache"),
+                  "test:tests/test_eval_attributes.py::test_attribute_net_api_and_cache"),
         Criterion("gates fail for an untrained model and for planted bugs (t ignored, x0 target)",
                   "test:tests/test_m4_gates.py"),
         Criterion("FID of DDIM-50 samples clears the threshold", "gate:fid_ddim50"),
