@@ -5,7 +5,7 @@ grader uses (how the quick profile's default guidance was chosen; see results/m5
         --scales 1 1.5 2 3 5 --test 400 --heldout 200 --steps 25 10
 
 Prints one line per (split, DDIM steps, scale): prompt match and its parts, judged by the cached
-attribute classifier (mmsys.attributes), DDIM with the checkpoint's eta, seed 0.
+attribute classifier (eval.attributes), DDIM with the checkpoint's eta, seed 0.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.prompt_match import match_rates  # noqa: E402
-from mmsys.attributes import load_or_train, predict_attributes  # noqa: E402
+from eval.attributes import load_or_train, predict_attributes  # noqa: E402
 from mmsys.text2image import load_text2image, world_prompts  # noqa: E402
 
 

@@ -15,11 +15,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from eval.reference.data.split import to_uint8  # noqa: E402
+
 
 def _hwc(img: torch.Tensor):
     """uint8 or float [-1, 1] ``(3, H, W)`` -> numpy ``(H, W, 3)`` uint8."""
     if img.dtype != torch.uint8:
-        img = img.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+        img = to_uint8(img.float())
     return img.permute(1, 2, 0).cpu().numpy()
 
 
@@ -66,8 +68,8 @@ def trajectory_strip(trajectory: Sequence[torch.Tensor], timesteps: Sequence[int
     """Denoising trajectories: one row per sample, ``x_t`` from pure noise (left) to ``x_0``.
 
     Args:
-        trajectory: ``[x_T, ..., x_0]`` as returned by ``mmsys.diffusion.samplers.sample(...,
-            return_trajectory=True)``: ``len(timesteps) + 1`` tensors ``(B, 3, H, W)`` float.
+        trajectory: ``[x_T, ..., x_0]`` as returned by the reverse loop (``mmsys.diffusion.samplers.sample(...,
+            return_trajectory=True)``): ``len(timesteps) + 1`` tensors ``(B, 3, H, W)`` float.
         timesteps: the sampler's timesteps in visiting order; frame ``k`` of the trajectory is the
             state *before* step ``k`` (``x_t`` at ``t = timesteps[k]``), the last frame is ``x_0``.
         n_samples: rows (the first samples of the batch).

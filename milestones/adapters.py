@@ -347,7 +347,130 @@ class Implementation:
 
 
     # ================================================================ m4: DDPM / DDIM
-    # (the m4 methods go here, in the order the milestone uses them)
+    # schedules: the forward process (Ho et al. 2020, eq. 2-7; 0-based t = 0 .. T-1)
+    @capability("m4", "m5")
+    def diffusion_schedule(self, kind: str = "linear", T: int = 1000):
+        """The variance schedule by name: ``"linear"`` (DDPM: betas 1e-4 .. 0.02) or ``"cosine"``
+        (Nichol & Dhariwal 2021, eq. 17) with T steps. Returns the implementation's schedule
+        object (``.T`` steps), handed back to the methods below."""
+        return self.module("diffusion.schedule").NoiseSchedule.make(kind, T)
+
+    @capability("m4")
+    def diffusion_schedule_tables(self, schedule) -> dict:
+        """The schedule's tables, each (T,) float64: ``betas``, ``alphas`` (1 - beta),
+        ``alpha_bars`` (cumulative product), ``posterior_variance`` (beta_tilde, eq. 7; 0 at t = 0)
+        and ``posterior_log_variance_clipped`` (its log, the t = 0 value replaced by t = 1's)."""
+        names = ("betas", "alphas", "alpha_bars", "posterior_variance", "posterior_log_variance_clipped")
+        return {k: getattr(schedule, k) for k in names}
+
+    @capability("m4")
+    def diffusion_q_sample(self, schedule, x0, t, noise):
+        """x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) noise (eq. 4): x0, noise (B, C, H, W),
+        t (B,) long -> x_t (B, C, H, W)."""
+        return schedule.q_sample(x0, t, noise)
+
+    @capability("m4")
+    def diffusion_posterior(self, schedule, x0, x_t, t):
+        """q(x_{t-1} | x_t, x0) (eq. 6-7): x0, x_t (B, C, H, W), t (B,) -> (mean (B, C, H, W),
+        variance (B, 1, 1, 1), log-variance clipped (B, 1, 1, 1))."""
+        return schedule.posterior(x0, x_t, t)
+
+    @capability("m4")
+    def diffusion_predict_x0(self, schedule, x_t, t, eps):
+        """eq. 4 solved for x0: (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t); (B, C, H, W) each, t (B,)."""
+        return schedule.predict_x0(x_t, t, eps)
+
+    @capability("m4")
+    def diffusion_predict_eps(self, schedule, x_t, t, x0):
+        """eq. 4 solved for the noise: (x_t - sqrt(a_bar_t) x0) / sqrt(1 - a_bar_t); (B, C, H, W) each."""
+        return schedule.predict_eps(x_t, t, x0)
+
+    @capability("m4")
+    def diffusion_snr(self, schedule, t):
+        """Signal-to-noise ratio a_bar_t / (1 - a_bar_t): t (B,) long -> (B,) float64."""
+        return schedule.snr(t)
+
+    # the eps model
+    @capability("m4")
+    def unet_build(self, config: dict):
+        """A U-Net from its config dict (``diffusion.unet.UNetConfig`` fields: in_ch, base,
+        channel_mults, n_res, attn_resolutions, dropout, groups, n_heads, image_size, ...);
+        ``forward(x (B, in_ch, H, W), t (B,)) -> (B, in_ch, H, W)``, zero at initialisation."""
+        unet = self.module("diffusion.unet")
+        return unet.UNet(unet.UNetConfig(**config))
+
+    @capability("m4")
+    def ddpm_config(self, unet: dict, schedule: dict, patch: int = 1, image_size: int = 32, in_ch: int = 3) -> dict:
+        """The m4 model's config dict (stored in the checkpoint as ``model_config``): U-Net fields
+        ``unet`` (its in_ch / image_size derived from the space-to-depth ``patch``), ``patch``,
+        image geometry and ``schedule`` ``{"kind", "T"}``."""
+        return self.module("diffusion.ddpm").model_config(unet, schedule, patch=patch, image_size=image_size,
+                                                          in_ch=in_ch)
+
+    @capability("m4")
+    def ddpm_build(self, config: dict):
+        """The eps model from a :meth:`ddpm_config` dict: an nn.Module with ``n_params()`` and the
+        image geometry ``in_ch`` / ``image_size``; ``torch.manual_seed`` before it fixes its init."""
+        return self.module("diffusion.ddpm").build_model(config)
+
+    @capability("m4")
+    def ddpm_schedule(self, config: dict, device: str = "cpu"):
+        """The schedule of a :meth:`ddpm_config` dict (``config["schedule"]``), its tables on ``device``."""
+        return self.diffusion_schedule(**config["schedule"]).to(device)
+
+    @capability("m4")
+    def ddpm_eps(self, model, x_t, t):
+        """Noise prediction eps_theta(x_t, t): x_t (B, 3, H, W) float, t (B,) long -> (B, 3, H, W)."""
+        return model(x_t, t)
+
+    @capability("m4")
+    def ddpm_loss(self, model, x0, schedule, snr_gamma: float | None = None, target: str = "eps"):
+        """The DDPM training loss (Ho et al. 2020, alg. 1 / eq. 14) on clean images x0
+        (B, 3, H, W) in [-1, 1] -> (scalar loss, logs). Draws t ~ U{0..T-1} (B,) and then eps
+        (B, 3, H, W) from the global torch RNG; Min-SNR-gamma weights (Hang et al. 2023) when
+        ``snr_gamma``; ``target="x0"`` regresses x0 instead (the planted-bug test)."""
+        return self.module("diffusion.ddpm").eps_loss(model, x0, schedule, snr_gamma=snr_gamma, target=target)
+
+    # the reverse process: one step API, one loop
+    @capability("m4", "m5")
+    def diffusion_sampler(self, schedule, name: str, steps: int | None = None, eta: float = 0.0,
+                          clip_x0: bool = True):
+        """A sampler with its timesteps set: ``"ddpm"`` (ancestral, all T steps; ``steps`` None
+        or T) or ``"ddim"`` (``steps`` evenly spaced, default 50: 980, 960, ..., 0 for T = 1000;
+        stochasticity ``eta``). Has ``timesteps`` ((n,) long, visiting order) and
+        ``set_timesteps(n)``; ``clip_x0`` clips each predicted x0 to [-1, 1]."""
+        return self.module("diffusion.samplers").make_sampler(schedule, name, steps, eta, clip_x0)
+
+    @capability("m4", "m5")
+    def diffusion_step(self, sampler, model_output, t, sample, generator=None):
+        """One reverse step at timestep t: eps (B, C, H, W), x_t (B, C, H, W) -> object with
+        ``prev_sample`` (B, C, H, W) and ``pred_x0`` (B, C, H, W); noise from ``generator`` (one
+        torch.Generator or one per sample)."""
+        return sampler.step(model_output, t, sample, generator=generator)
+
+    @capability("m4", "m5")
+    def diffusion_sample(self, eps_fn, sampler, shape, generator=None, x_T=None, bf16: bool = False,
+                         progress: bool = False, on_step=None):
+        """The reverse loop: x_T ~ N(0, I) of ``shape`` (B, C, H, W) drawn from ``generator``
+        (unless given), then one ``eps_fn(x_t (B, C, H, W), t (B,))`` call and one sampler step per
+        timestep -> x_0 (B, C, H, W) float32, unclipped. ``on_step(t, x_t, step_output)`` is
+        called after every step."""
+        return self.module("diffusion.samplers").sample(eps_fn, sampler, shape, generator, x_T=x_T, bf16=bf16,
+                                                        progress=progress, on_step=on_step)
+
+    @capability("m4")
+    def diffusion_generators(self, seed: int, start: int, n: int) -> list:
+        """One torch.Generator per sample ``start .. start + n - 1``, each seeded by (seed, i) only."""
+        return self.module("diffusion.samplers").sample_generators(seed, start, n)
+
+    @capability("m4")
+    def ddpm_sample_images(self, model, schedule, n: int, sampler: str, steps: int | None = None,
+                           eta: float = 0.0, seed: int = 0, batch_size: int = 250, bf16: bool = True,
+                           progress: bool = False):
+        """``n`` images uint8 (n, 3, H, W) drawn with the named sampler, ``batch_size`` at a time;
+        image i depends only on (seed, i) (:meth:`diffusion_generators`), whatever the batch."""
+        return self.module("diffusion.ddpm").sample_images(model, schedule, n, sampler, steps, eta, seed=seed,
+                                                           batch_size=batch_size, bf16=bf16, progress=progress)
     # ---------------------------------------------------------------- end of m4
 
 

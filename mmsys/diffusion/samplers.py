@@ -1,15 +1,20 @@
-"""Reverse-process samplers (DDPM, DDIM) with a small scheduler API, and classifier-free guidance.
+"""Reverse-process samplers (DDPM, DDIM) with one scheduler API, one reverse loop, and guidance.
 
-API (in the style of diffusers schedulers)::
+API (diffusers' schedulers are the model)::
 
-    sampler = DDIMSampler(NoiseSchedule.linear())
-    sampler.set_timesteps(50)                      # visits 980, 960, ..., 20, 0
-    x = torch.randn(shape, generator=g)
-    for t, t_prev in sampler.pairs():
-        eps = model(x, torch.full((B,), t))
-        x = sampler.step(eps, t, t_prev, x, eta=0.0, generator=g)
+    sampler = make_sampler(schedule, "ddim", steps=50, eta=0.0)   # or DDIMSampler(schedule, eta=0.0)
+    sampler.set_timesteps(50)                       # visits 980, 960, ..., 20, 0
+    x = randn(shape, g)
+    for t in sampler.timesteps:
+        out = sampler.step(eps_fn(x, torch.full((B,), t)), t, x, generator=g)   # StepOutput
+        x = out.prev_sample                         # out.pred_x0: the model's x_0 estimate
 
-or simply ``x0 = sample(model_fn, shape, sampler, steps=50, generator=g)``.
+or simply ``x0 = sample(eps_fn, sampler, shape, generator=g)`` (the one reverse loop, used by
+the unconditional model, the text-to-image model and the trajectory figures).
+
+Both samplers have the same ``set_timesteps(num_inference_steps)`` and ``step(model_output, t,
+sample, generator=None) -> StepOutput``; what differs (DDPM's variance, DDIM's eta) is fixed when
+the sampler is built.
 
 Generators: ``generator`` may be one ``torch.Generator`` or a list with one generator per
 sample. With a list, every sample's noise comes from its own stream, so a sample depends only on
@@ -18,6 +23,7 @@ its own seed, whatever the batch it is drawn in (up to kernel round-off of the m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -26,6 +32,19 @@ from tqdm.auto import tqdm
 from ..diffusion.schedule import NoiseSchedule
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class StepOutput:
+    """What one reverse step returns (diffusers' ``DDPMSchedulerOutput`` / ``DDIMSchedulerOutput``).
+
+    prev_sample: ``(B, C, H, W)`` the next state ``x_{t_prev}`` (``x_0`` after the last step).
+    pred_x0: ``(B, C, H, W)`` the model's estimate of ``x_0`` at this step (clipped to [-1, 1]
+        when the sampler clips).
+    """
+
+    prev_sample: torch.Tensor
+    pred_x0: torch.Tensor
 
 
 def randn(shape: Sequence[int], generator: Generator = None, device=None,
@@ -37,6 +56,11 @@ def randn(shape: Sequence[int], generator: Generator = None, device=None,
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
                             for g in generator])
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def sample_generators(seed: int, start: int, n: int) -> list[torch.Generator]:
+    """One generator per sample: sample ``i`` (``start <= i < start + n``) is seeded by ``(seed, i)`` only."""
+    return [torch.Generator().manual_seed((seed & 0xFFFFFFFF) * 1_000_003 + i) for i in range(start, start + n)]
 
 
 def _as_int(t) -> int:
@@ -64,39 +88,41 @@ class DDPMSampler:
         self.schedule, self.variance, self.clip_x0 = schedule, variance, clip_x0
         self.set_timesteps()
 
-    def set_timesteps(self, n_steps: int | None = None) -> None:
-        """DDPM visits every step: ``timesteps = [T-1, ..., 0]``. ``n_steps`` must be None or T."""
+    def set_timesteps(self, num_inference_steps: int | None = None) -> None:
+        """DDPM visits every step: ``timesteps = [T-1, ..., 0]``; ``num_inference_steps`` must be
+        None or T."""
         T = self.schedule.T
-        if n_steps not in (None, T):
-            raise ValueError(f"DDPM samples with all T={T} steps; use DDIMSampler for {n_steps}")
+        if num_inference_steps not in (None, T):
+            raise ValueError(f"DDPM samples with all T={T} steps; use DDIM for {num_inference_steps} steps")
         self.timesteps = torch.arange(T - 1, -1, -1)
 
-    def pairs(self) -> list[tuple[int, int]]:
-        """``[(t, t_prev), ...]`` in sampling order (``t_prev = t - 1``; -1 after the last step)."""
-        return [(int(t), int(t) - 1) for t in self.timesteps]
+    def prev_timestep(self, t: int | torch.Tensor) -> int:
+        """The step after ``t``: ``t - 1`` (-1 after the last step)."""
+        return _as_int(t) - 1
 
-    def step(self, eps: torch.Tensor, t: int | torch.Tensor, x_t: torch.Tensor,
-             generator: Generator = None) -> torch.Tensor:
+    def step(self, model_output: torch.Tensor, t: int | torch.Tensor, sample: torch.Tensor,
+             generator: Generator = None) -> StepOutput:
         """One reverse step ``x_t -> x_{t-1}``.
 
         Args:
-            eps: ``(B, C, H, W)`` the model's noise prediction ``eps_theta(x_t, t)``.
+            model_output: ``(B, C, H, W)`` the model's noise prediction ``eps_theta(x_t, t)``.
             t: the current timestep (int, or ``(B,)`` long all equal to it).
-            x_t: ``(B, C, H, W)``.
+            sample: ``x_t (B, C, H, W)``.
             generator: noise source (see module docstring).
         """
-        s = self.schedule
+        s, eps, x_t = self.schedule, model_output, sample
+        x0 = s.predict_x0(x_t, t, eps)  # eq. 4 inverted (Ho et al. eq. 15)
         if self.clip_x0:
-            x0 = s.predict_x0(x_t, t, eps).clamp(-1, 1)
-            mean = s.posterior(x0, x_t, t)[0]
+            x0 = x0.clamp(-1, 1)
+            mean = s.posterior(x0, x_t, t)[0]  # eq. 7 at the clipped x0
         else:  # eq. 11
             mean = (x_t - s.coef("betas", t, x_t) / s.coef("sqrt_one_minus_alpha_bars", t, x_t) * eps) \
                 / s.coef("alphas", t, x_t).sqrt()
         if _as_int(t) == 0:
-            return mean
+            return StepOutput(mean, x0)
         var = s.coef("posterior_variance" if self.variance == "small" else "betas", t, x_t)
         z = randn(x_t.shape, generator, x_t.device, x_t.dtype)
-        return mean + var.sqrt() * z
+        return StepOutput(mean + var.sqrt() * z, x0)
 
 
 class DDIMSampler:
@@ -106,101 +132,125 @@ class DDIMSampler:
         schedule: the noise schedule the model was trained with.
         clip_x0: clip the predicted ``x_0`` to [-1, 1] (and re-derive eps from it) before the
             update; off by default, as in the DDIM paper.
+        eta: stochasticity in [0, 1] (eq. 16): 0 is the deterministic DDIM, 1 is DDPM with the
+            small variance.
     """
 
-    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = False):
-        self.schedule, self.clip_x0 = schedule, clip_x0
+    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = False, eta: float = 0.0):
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.schedule, self.clip_x0, self.eta = schedule, clip_x0, float(eta)
         self.set_timesteps(schedule.T)
 
-    def set_timesteps(self, n_steps: int = 50) -> None:
-        """The DDIM paper's uniform sub-sequence ``tau = [0, c, 2c, ...]``, ``c = T // n_steps``,
+    def set_timesteps(self, num_inference_steps: int = 50) -> None:
+        """The DDIM paper's uniform sub-sequence ``tau = [0, c, 2c, ...]``, ``c = T // n``,
         visited in reverse: for 50 steps over T = 1000, ``980, 960, ..., 20, 0``."""
         T = self.schedule.T
-        if not 1 <= n_steps <= T:
-            raise ValueError(f"n_steps must be in [1, {T}]")
-        self.step_ratio = T // n_steps
-        self.timesteps = (torch.arange(n_steps) * self.step_ratio).flip(0)
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps must be in [1, {T}]")
+        self.step_ratio = T // num_inference_steps
+        self.timesteps = (torch.arange(num_inference_steps) * self.step_ratio).flip(0)
 
-    def pairs(self) -> list[tuple[int, int]]:
-        """``[(t, t_prev), ...]`` in sampling order; the last pair is ``(0, -1)`` (alpha_bar = 1)."""
-        ts = [int(t) for t in self.timesteps]
-        return list(zip(ts, ts[1:] + [-1]))
+    def prev_timestep(self, t: int | torch.Tensor) -> int:
+        """The step after ``t``: ``t - c``; -1 (``alpha_bar = 1``, the clean data) after ``t = 0``."""
+        return max(_as_int(t) - self.step_ratio, -1)
 
     def _alpha_bar(self, t: int, x: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t as a ``(1, 1, 1, 1)`` tensor; ``alpha_bar_{-1} = 1`` (the clean data)."""
         ab = self.schedule.alpha_bars[t] if t >= 0 else torch.ones((), dtype=torch.float64)
         return ab.to(device=x.device, dtype=x.dtype).view(*([1] * x.ndim))
 
-    def step(self, eps: torch.Tensor, t: int | torch.Tensor, t_prev: int | torch.Tensor, x_t: torch.Tensor,
-             eta: float = 0.0, generator: Generator = None) -> torch.Tensor:
-        """One generalised reverse step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12).
+    def step(self, model_output: torch.Tensor, t: int | torch.Tensor, sample: torch.Tensor,
+             generator: Generator = None) -> StepOutput:
+        """One generalised reverse step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12), with
+        ``t_prev = prev_timestep(t)``.
 
         ``x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z`` with
         ``x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)`` and (eq. 16)
-        ``sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)``;
-        ``eta = 0`` is the deterministic DDIM, ``eta = 1`` is DDPM with the small variance.
+        ``sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)``.
 
         Args:
-            eps: ``(B, C, H, W)`` noise prediction at ``(x_t, t)``.
-            t, t_prev: current and next timestep (``t_prev = -1`` means "to x_0").
-            x_t: ``(B, C, H, W)``.
-            eta: stochasticity in [0, 1].
+            model_output: ``(B, C, H, W)`` noise prediction at ``(x_t, t)``.
+            t: current timestep (int, or ``(B,)`` long all equal to it).
+            sample: ``x_t (B, C, H, W)``.
             generator: noise source (used only when ``eta > 0``).
         """
-        t, t_prev = _as_int(t), _as_int(t_prev)
+        eps, x_t = model_output, sample
+        t, t_prev = _as_int(t), self.prev_timestep(t)
         a_t, a_prev = self._alpha_bar(t, x_t), self._alpha_bar(t_prev, x_t)
         x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         if self.clip_x0:
             x0 = x0.clamp(-1, 1)
             eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        if eta > 0 and t_prev >= 0:
+        if self.eta > 0 and t_prev >= 0:
             x_prev = x_prev + sigma * randn(x_t.shape, generator, x_t.device, x_t.dtype)
-        return x_prev
+        return StepOutput(x_prev, x0)
 
 
 Sampler = DDPMSampler | DDIMSampler
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_sampler(schedule: NoiseSchedule, name: str, steps: int | None = None, eta: float = 0.0,
+                 clip_x0: bool = True) -> Sampler:
+    """The sampler by name, its timesteps set.
+
+    ``"ddpm"``: all T steps (``steps`` None or T), small posterior variance; ``eta`` does not
+    apply (ancestral sampling is DDIM's eta = 1). ``"ddim"``: ``steps`` (default 50) evenly spaced
+    steps, stochasticity ``eta``. ``clip_x0``: both clip the predicted x_0 to [-1, 1] at every
+    step (Ho et al.'s code; diffusers' default), which keeps an imperfect model's early, highly
+    amplified x_0 estimates (1 / sqrt(alpha_bar_t) ~ 150 at t = T-1) from saturating images."""
+    if name == "ddpm":
+        if steps not in (None, schedule.T):
+            raise ValueError(f"DDPM samples with all T={schedule.T} steps (got --steps {steps}); "
+                             f"use --sampler ddim for fewer steps")
+        return DDPMSampler(schedule, clip_x0=clip_x0)
+    if name == "ddim":
+        smp = DDIMSampler(schedule, clip_x0=clip_x0, eta=eta)
+        smp.set_timesteps(50 if steps is None else steps)
+        return smp
+    raise ValueError(f"unknown sampler {name!r}: 'ddpm' or 'ddim'")
 
 
 @torch.no_grad()
-def sample(model_fn: ModelFn, shape: Sequence[int], sampler: Sampler, steps: int | None = None,
-           eta: float = 0.0, generator: Generator = None, progress: bool = True,
-           return_trajectory: bool = False, device=None, x_T: torch.Tensor | None = None,
-           bf16: bool = False):
-    """Run the reverse process from ``x_T ~ N(0, I)`` to ``x_0``.
+def sample(eps_fn: EpsFn, sampler: Sampler, shape: Sequence[int], generator: Generator = None, *,
+           x_T: torch.Tensor | None = None, device=None, bf16: bool = False, progress: bool = False,
+           return_trajectory: bool = False,
+           on_step: Callable[[int, torch.Tensor, StepOutput], None] | None = None):
+    """The reverse process from ``x_T ~ N(0, I)`` to ``x_0``: THE sampling loop.
+
+    ``x_T`` is drawn first from ``generator``, then each step calls ``eps_fn`` once and
+    ``sampler.step`` (which draws that step's noise from ``generator``) over ``sampler.timesteps``.
 
     Args:
-        model_fn: ``(x_t (B, C, H, W) float32, t (B,) long) -> eps (B, C, H, W)``; wrap the
-            model to add a context, guidance (:func:`guided_model_fn`) or autocast.
+        eps_fn: ``(x_t (B, C, H, W) float32, t (B,) long) -> eps (B, C, H, W)``; wrap the model
+            to add a context, guidance (:func:`guided_model_fn`) or a memory format.
+        sampler: a :class:`DDPMSampler` or :class:`DDIMSampler`, timesteps set.
         shape: ``(B, C, H, W)``.
-        sampler: a :class:`DDPMSampler` or :class:`DDIMSampler`.
-        steps: DDIM steps (default: keep the sampler's current timesteps); DDPM: None or T.
-        eta: DDIM stochasticity (ignored by DDPM).
         generator: seeds the initial noise and every step's noise (see module docstring).
+        x_T: start from this noise instead of drawing it.
+        bf16: run ``eps_fn`` under bf16 autocast (the sampler arithmetic stays float32).
         progress: show a tqdm bar.
         return_trajectory: also return ``[x_T, ..., x_0]`` (on the CPU).
-        x_T: start from this noise instead of drawing it.
-        bf16: run ``model_fn`` under bf16 autocast (the sampler arithmetic stays float32).
+        on_step: called after every step as ``on_step(t, x_t, StepOutput)`` (e.g. to record
+            the model's x_0 estimates along the way).
 
     Returns:
         ``x_0 (B, C, H, W)`` float32 (not clipped), and the trajectory list when asked.
     """
-    if steps is not None:
-        sampler.set_timesteps(steps)
     x = randn(shape, generator, device) if x_T is None else x_T.float().clone()
     traj = [x.cpu()] if return_trajectory else None
-    ddim = isinstance(sampler, DDIMSampler)
-    pairs = sampler.pairs()
-    for t, t_prev in tqdm(pairs, desc="DDIM" if ddim else "DDPM", disable=not progress, leave=False):
+    name = "DDIM" if isinstance(sampler, DDIMSampler) else "DDPM"
+    for t in tqdm([int(t) for t in sampler.timesteps], desc=name, disable=not progress, leave=False):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            eps = model_fn(x, t_batch).float()
-        if ddim:
-            x = sampler.step(eps, t, t_prev, x, eta=eta, generator=generator)
-        else:
-            x = sampler.step(eps, t, x, generator=generator)
+            eps = eps_fn(x, t_batch).float()
+        out = sampler.step(eps, t, x, generator=generator)
+        if on_step is not None:
+            on_step(t, x, out)
+        x = out.prev_sample
         if return_trajectory:
             traj.append(x.cpu())
     return (x, traj) if return_trajectory else x
@@ -254,6 +304,6 @@ def guided_eps(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: torch.Te
 
 
 def guided_model_fn(model: Callable, cond: torch.Tensor, uncond: torch.Tensor, scale: float,
-                    cond_mask: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None) -> ModelFn:
+                    cond_mask: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None) -> EpsFn:
     """``(x, t) -> guided eps`` closure for :func:`sample` (see :func:`guided_eps`)."""
     return lambda x, t: guided_eps(model, x, t, cond, uncond, scale, cond_mask, uncond_mask)

@@ -23,7 +23,8 @@ import torch
 class NoiseSchedule:
     """Precomputed tables of a variance schedule ``beta_0 .. beta_{T-1}``.
 
-    Build it with :meth:`linear` (DDPM) or :meth:`cosine` (improved DDPM), or from any betas.
+    Build it with :meth:`linear` (DDPM) or :meth:`cosine` (improved DDPM), by name with
+    :meth:`make`, or from any betas.
 
     Attributes (all ``(T,)`` float64):
         betas, alphas, alpha_bars, alpha_bars_prev (``alpha_bar_{t-1}``, 1 at t = 0),
@@ -70,6 +71,16 @@ class NoiseSchedule:
         alpha_bar = f / f[0]
         betas = (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
         return cls(betas)
+
+    @classmethod
+    def make(cls, kind: str = "linear", T: int = 1000) -> "NoiseSchedule":
+        """The schedule factory: ``kind`` "linear" (:meth:`linear`) or "cosine" (:meth:`cosine`)
+        with ``T`` steps; a checkpoint's ``{"kind": ..., "T": ...}`` is ``make(**spec)``."""
+        if kind == "linear":
+            return cls.linear(int(T))
+        if kind == "cosine":
+            return cls.cosine(int(T))
+        raise ValueError(f"unknown schedule kind {kind!r}: 'linear' or 'cosine'")
 
     # ------------------------------------------------------------------ helpers
     @property

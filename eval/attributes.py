@@ -8,7 +8,7 @@ Two jobs, one network:
 - the **prompt-match judge** of text-to-image (m5): :func:`predict_attributes` says which
   shape, colour, size and grid cell each object of a generated image has.
 
-What it predicts (the world's scene table, :mod:`mmsys.data.world`):
+What it predicts (the world's scene table, :mod:`eval.reference.data.world`):
 
 - ``n_objects``: 1 or 2 (trained on the world's mixed train split: half the scenes hold two);
 - for the **first object in reading order** (top to bottom, then left to right): ``shape`` (10),
@@ -20,6 +20,10 @@ What it predicts (the world's scene table, :mod:`mmsys.data.world`):
 
 Reading order, not the caption's "A/B" order: a caption "a red circle to the right of a blue
 square" has the square first in reading order. Map a caption's objects to slots by position.
+
+A grading instrument: it lives in ``eval/`` and is built only from the grader's own copy of the
+bundled library (:mod:`eval.reference`: world data, engine, cache paths), whatever implementation
+is graded.
 
 "Frozen and versioned": the recipe (:class:`AttributeConfig`) is hashed
 (:func:`recipe_hash`); :func:`load_or_train` trains it once with a fixed seed and caches
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.split import to_float
+from eval.reference.data.split import to_float
 
 VERSION = 1  # bump when the architecture, the data or the training code changes
 HEADS = {"shape": 10, "colour": 8, "size": 2, "col": 3, "row": 3}
@@ -176,8 +180,8 @@ def train_attribute_net(n_train: int | None = None, steps: int | None = None, se
     Returns:
         ``(model in eval mode, test accuracies dict)`` (see :func:`test_accuracies`).
     """
-    from .data.world import WorldConfig, make_split
-    from .train import TrainConfig, Trainer
+    from eval.reference.data.world import WorldConfig, make_split
+    from eval.reference.train import TrainConfig, Trainer
     cfg = cfg or AttributeConfig()
     over = {k: v for k, v in dict(n_train=n_train, steps=steps, seed=seed).items() if v is not None}
     cfg = AttributeConfig(**{**asdict(cfg), **over})
@@ -210,7 +214,7 @@ def predict_attributes(model: AttributeNet, images: torch.Tensor, batch_size: in
         images: uint8 ``(N, 3, H, W)`` (resized to 32x32 if needed).
     Returns:
         dict of ``(N,)`` long: ``n_objects`` (1 or 2); ``shape``, ``colour``, ``size``, ``col``,
-        ``row`` of the first object in reading order (indices into ``mmsys.data.world.SHAPES``,
+        ``row`` of the first object in reading order (indices into the world's ``SHAPES``,
         ``COLOURS``, ``SIZES``, ``COLUMNS``, ``ROWS``); the same with a ``second_`` prefix for
         the second object (meaningful only where ``n_objects == 2``).
     """
@@ -224,7 +228,7 @@ def test_accuracies(model: AttributeNet, n_test: int = 2000, world=None) -> dict
     """Accuracies on the world test split: ``single/<head>`` on ``n_test`` one-object scenes,
     ``mixed/n_objects`` on ``n_test`` mixed scenes and ``two/<head>`` (both slots) on the
     two-object scenes among them."""
-    from .data.world import WorldConfig, make_split
+    from eval.reference.data.world import WorldConfig, make_split
     world = world or WorldConfig()
     out = {}
     for name, single in (("single", True), ("mixed", False)):
@@ -247,14 +251,14 @@ def test_accuracies(model: AttributeNet, n_test: int = 2000, world=None) -> dict
 def load_or_train(cfg: AttributeConfig | None = None, progress: bool = True, cache: bool = True):
     """The frozen judge of recipe ``cfg``: loaded from the cache, or trained once and cached.
 
-    File: ``mmsys.data.paths.cache_dir("judges")/attributes-<recipe_hash>.pt``, written
+    File: ``eval.reference.data.paths.cache_dir("judges")/attributes-<recipe_hash>.pt``, written
     atomically; it holds the weights, the recipe and the test accuracies measured at training.
 
     Returns:
         ``(model in eval mode, info)``; info = ``{recipe_hash, recipe, path, sha256,
         test_accuracies, trained_now, train_s}``.
     """
-    from .data.paths import atomic_torch_save, cache_dir, sha256_file
+    from eval.reference.data.paths import atomic_torch_save, cache_dir, sha256_file
     cfg = cfg or AttributeConfig()
     h = recipe_hash(cfg)
     path = cache_dir("judges") / f"attributes-{h}.pt" if cache else None
