@@ -194,7 +194,7 @@ class Implementation:
         (Abnar & Zuidema 2020), each row summing to 1."""
         return self.module("vit").attention_rollout(weights)
 
-    @capability("m1")
+    @capability("m1", "m4")
     def random_crop_flip(self, images, generator, pad: int, flip: bool):
         """Training augmentation: uint8 (B, 3, H, W) -> float (B, 3, H, W) in [-1, 1], randomly
         translated by up to ``pad`` pixels (zero padding) and, with ``flip``, mirrored."""
