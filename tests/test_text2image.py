@@ -48,12 +48,17 @@ def tiny_model(clip_tok, seed=0, T=1000, noisy=True, **over):
     torch.manual_seed(seed)
     model = impl.text2image_build({"unet": TINY_UNET, "T": T, **over}, clip, tok)
     if noisy:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad and p.abs().max() == 0:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        noisy_zero_layers(model, seed + 1)
     return model.eval()
+
+
+@torch.no_grad()
+def noisy_zero_layers(model, seed: int) -> None:
+    """Replace the all-zero trainable tensors (zero-initialised output layers) by seeded noise."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad and p.abs().max() == 0:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def sample(model, prompts, negative=None, seed=0, **sampling):

@@ -16,9 +16,9 @@ from mmsys.data.world import make_split
 from mmsys.text import Tokenizer
 from mmsys.text2image import TextToImage, TextToImageConfig, coord_grid, from_clip, snr_weight
 from mmsys.text_conditioning import drop_conditioning, pooled_features, text_token_features
+from test_text2image import TINY_UNET, noisy_zero_layers  # the shape tests' helpers (tests/ is on sys.path)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY_UNET = dict(base=8, channel_mults=(1, 2), n_res=1, attn_resolutions=(8,), dropout=0.0, groups=4, n_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,7 @@ def tiny_model(tok, seed=0, T=1000, noisy=True, **over) -> tuple[TextToImage, CL
                            vision_dim=16, vision_depth=1, vision_heads=2, patch_size=8, embed_dim=16))
     model = from_clip(TextToImageConfig(**{"unet": TINY_UNET, "T": T, **over}), clip, tok)
     if noisy:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad and p.abs().max() == 0:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        noisy_zero_layers(model, seed + 1)
     return model.eval(), clip
 
 
