@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.prompt_match import match_rates  # noqa: E402
 from eval.attributes import load_or_train, predict_attributes  # noqa: E402
-from mmsys.text2image import load_text2image, world_prompts  # noqa: E402
+from eval.prompt_match import match_rates, world_prompts  # noqa: E402
+from mmsys.text2image import checkpoint_sampling, load_text2image  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[25])
     a = ap.parse_args()
     model, ck = load_text2image(a.checkpoint)
-    eta = (ck.get("extra") or {}).get("sampling", {}).get("eta", 1.0)
+    eta = checkpoint_sampling(ck)["eta"]
     judge, info = load_or_train(progress=False)
     for split, n in (("test", a.test), ("heldout", a.heldout)):
         if not n:
@@ -40,7 +40,7 @@ def main() -> None:
         for steps in a.steps:
             for s in a.scales:
                 t0 = time.process_time()
-                x = model.generate(prompts, guidance=s, sampler="ddim", steps=steps, eta=eta, seed=0)
+                x = model.sample_images(prompts, guidance=s, sampler="ddim", steps=steps, eta=eta, seed=0)
                 r = match_rates(prompts, predict_attributes(judge, x))
                 parts = " ".join(f"{k.removesuffix('_match')} {v:.3f}" for k, v in r.items() if k != "n")
                 print(f"{split:8s} n={n} DDIM-{steps} s={s:g}: {parts}  [{time.process_time() - t0:.0f} CPU s]",

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmsys.data.split import to_float
+from eval.reference.data.split import to_float
 
 
 class CLIPProcessorAdapter:

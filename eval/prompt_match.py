@@ -1,7 +1,7 @@
 """Prompt match: does a generated image show what its prompt asks for?
 
 World prompts read ``"a {size} {colour} {shape} {position}"`` (the canonical captions of
-single-object scenes, :func:`mmsys.data.world.canonical_caption`), e.g. "a large red circle on the
+single-object scenes, :func:`eval.reference.data.world.canonical_caption`), e.g. "a large red circle on the
 left", "a small blue star at the top right". :func:`parse_prompt` turns one into the expected
 attributes (indices into the world's SHAPES, COLOURS, SIZES, COLUMNS, ROWS); an automatic judge
 (an attribute classifier trained on real world images) predicts the same attributes for each
@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from mmsys.data.world import COLOURS, COLUMNS, ROWS, SHAPES, SIZE_WORDS
+from eval.reference.data.world import COLOURS, COLUMNS, ROWS, SHAPES, SIZE_WORDS, canonical_caption, make_split, scene_row
 
 ATTRIBUTES = ("shape", "colour", "size", "col", "row")
 _SIZE = {w: s for s, words in SIZE_WORDS.items() for w in words}
@@ -52,6 +52,17 @@ def parse_prompt(prompt: str) -> dict:
         else:
             out["col"], out["row"] = COLUMNS.index(m["corner_h"]), ROWS.index(m["corner_v"])
     return out
+
+
+def world_prompts(split: str = "test", n: int = 100, start: int = 0) -> tuple[list[str], dict]:
+    """The grader's prompts: canonical captions ``"a {size} {colour} {shape} {position}"`` of
+    single-object world scenes ``[start, start + n)`` of ``split``.
+
+    Returns (n prompts, the scene table of those scenes). ``split="heldout"`` gives the held-out
+    (colour, shape) compositions never seen in training."""
+    s = make_split(split, start + n, single=True, captions=False)
+    scenes = {k: v[start:] for k, v in s.meta["scenes"].items()}
+    return [canonical_caption(scene_row(scenes, i)) for i in range(n)], scenes
 
 
 def expected_table(prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -476,7 +476,108 @@ class Implementation:
 
 
     # ================================================================ m5: text-to-image
-    # (the m5 methods go here, in the order the milestone uses them)
+    @capability("m5")
+    def text2image_build(self, config: dict, clip, tokenizer):
+        """A fresh text-to-image model from its config dict (``text2image.TextToImageConfig``
+        fields: unet (U-Net fields: base, channel_mults, n_res, attn_resolutions, dropout, groups,
+        n_heads), image_size, patch, schedule, T, p_uncond, min_snr_gamma, prediction, pooled,
+        coord_channels, layout_channels, word_features, math_attention), conditioned on a frozen
+        copy of the text tower of ``clip`` (an m2 CLIP of this implementation) and its
+        ``tokenizer``. Builds the parameters in a fixed order from the global torch RNG."""
+        t2i = self.module("text2image")
+        return t2i.from_clip(t2i.TextToImageConfig(**config), clip, tokenizer)
+
+    @capability("m5")
+    def text2image_from_checkpoint(self, model_config: dict, tokenizer_state: dict, weights: dict):
+        """The model a text-to-image checkpoint holds (eval mode), from the parts the grader read:
+        ``model_config``, ``extra["tokenizer"]`` and the weights (EMA when kept). Raises
+        ``CheckpointError`` when they do not describe a model this implementation can build."""
+        return self.module("text2image").from_checkpoint(model_config, tokenizer_state, weights)
+
+    @capability("m5")
+    def text2image_model_config(self, model) -> dict:
+        """The model's config dict (what :meth:`text2image_build` takes, plus ``clip``: the text
+        tower's CLIP config); the checkpoint's ``model_config``."""
+        return model.cfg.to_dict()
+
+    @capability("m5")
+    def text2image_text_tower(self, model):
+        """The frozen CLIP text tower the model conditions on (an nn.Module: no parameter
+        trains, always in eval mode)."""
+        return model.text.tower
+
+    @capability("m5")
+    def text2image_n_params(self, model) -> int:
+        """Trainable parameters (everything but the frozen text tower)."""
+        return model.n_params()
+
+    @capability("m5")
+    def text2image_alpha_bars(self, model):
+        """The model's noise schedule: alpha_bar_t (T,) float, ``x_t = sqrt(alpha_bar_t) x_0 +
+        sqrt(1 - alpha_bar_t) eps`` (DDPM eq. 4); t = 0 the least noisy step."""
+        return model.schedule.alpha_bars
+
+    @capability("m5")
+    def text2image_captioned_data(self, images, captions: list, tokenizer, context_length: int, p_uncond: float):
+        """Training pairs with conditioning dropout: images uint8 (N, 3, H, W), per image a list of
+        captions. The object has ``len() = N``, ``ids``/``pad_mask`` (C, L) of all captions (image
+        by image, tokenised once) and ``get_batch(idx (B,), generator) -> {"images" float (B, 3,
+        H, W) in [-1, 1], "ids" (B, L'), "pad_mask" (B, L') bool True = pad, "dropped" (B,) bool}``:
+        one random caption per image, replaced by the empty prompt with probability ``p_uncond``
+        (Ho & Salimans 2022, alg. 1)."""
+        return self.module("text_conditioning").CaptionedImages(images, captions, tokenizer, context_length,
+                                                                p_uncond)
+
+    @capability("m5")
+    def text2image_fit_text_standardisation(self, model, ids, pad_mask) -> dict:
+        """Fit the fixed per-feature standardisation of the frozen text features on training
+        captions ids/pad_mask (C, L). Returns statistics for the report ({"tokens", ...})."""
+        return model.text.fit_standardisation(ids, pad_mask)
+
+    @capability("m5")
+    def text2image_encode(self, model, prompts: list):
+        """P prompts -> (context (P, L, D) float, pad_mask (P, L) bool True = pad): the frozen
+        text tower's token features the U-Net cross-attends to (right-padded; "" = <bos> <eos>)."""
+        return model.encode(prompts)
+
+    @capability("m5")
+    def text2image_eps(self, model, x_t, t, context, pad_mask):
+        """Conditional noise prediction eps_theta: x_t (B, 3, H, W), t (B,) long, context (B, L, D),
+        pad_mask (B, L) -> eps (B, 3, H, W). This is ``model(x_t, t, context, pad_mask)``, the
+        call every sampler makes (tests stand in a constructed eps by replacing ``model.forward``)."""
+        return model(x_t, t, context, pad_mask)
+
+    @capability("m5")
+    def text2image_guided_eps(self, model, x_t, t, prompts: list, guidance: float, negative=None):
+        """Guided noise prediction from prompts: x_t (B, 3, H, W), t (B,), B prompts -> eps (B, 3,
+        H, W) = ``eps_u + s (eps_c - eps_u)`` (Ho & Salimans 2022, eq. 6), eps_u the empty prompt's
+        or, with ``negative`` (one string or B), the negative prompt's; s = 1: conditional only."""
+        return self.module("text2image").guided_noise(model, x_t, t, prompts, guidance, negative)
+
+    @capability("m5")
+    def text2image_cross_attention(self, model, x_t, t, context, pad_mask) -> list:
+        """Per cross-attention layer of one eps forward pass (x_t (B, 3, H, W), t (B,), context
+        (B, L, D), pad_mask (B, L)): weights of image positions over text tokens (B, heads, h * w,
+        L) at the layer's h x w resolution; rows sum to 1, no weight on padding."""
+        return self.module("text_conditioning").cross_attention_maps(model, x_t, t, context, pad_mask)
+
+    @capability("m5")
+    def text2image_loss(self, model, images, ids, pad_mask):
+        """Training loss on clean images (B, 3, H, W) in [-1, 1] with captions ids/pad_mask (B, L)
+        (dropout already applied): (scalar loss, metrics dict). Draws t and the noise from the
+        global torch RNG (the engine reseeds it every step)."""
+        return model.loss(images, ids, pad_mask)
+
+    @capability("m5")
+    def text2image_sample(self, model, prompts: list, sampling: dict, negative=None, seed: int | None = None,
+                          generator=None, n: int = 1, bf16: bool = True, progress: bool = False):
+        """Sample with classifier-free guidance: P prompts, each ``n`` times (prompt-major) ->
+        uint8 (P * n, 3, H, W). ``sampling``: guidance, sampler ("ddim" | "ddpm"), steps, eta
+        (``text2image.SamplingConfig`` fields). ``seed`` gives image i its own stream (seed, i),
+        so it depends only on its prompt and seed; or ``generator``: one, or one per image.
+        ``negative`` (one string or P) replaces the unconditional branch."""
+        return model.sample_images(prompts, negative=negative, seed=seed, generator=generator, n=n, bf16=bf16,
+                                   progress=progress, **sampling)
     # ---------------------------------------------------------------- end of m5
 
 

@@ -90,7 +90,7 @@ def world_image_keys(scenes: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progress: bool = True,
-               device: str = "cpu", on_init=None, extra: dict | None = None):
+               device: str = "cpu", on_init=None, extra: dict | None = None, impl=None):
     """Learn a tokenizer from ``train_split``'s captions and train a CLIP with the shared engine.
 
     Args:
@@ -103,9 +103,12 @@ def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progr
     Returns:
         (model in eval mode, tokenizer, trainer summary + temperature and duplicate statistics).
     """
-    from mmsys.clip import CLIP, CLIPConfig, PairedCaptions, gradcache_step
-    from mmsys.text import Tokenizer
-    from mmsys.train import TrainConfig, Trainer
+    from milestones.adapters import CANDIDATE  # (m5 branch: minimal impl= until m2's seam lands)
+    impl = impl or CANDIDATE
+    CLIP, CLIPConfig, PairedCaptions, gradcache_step = (getattr(impl.module("clip"), n) for n in (
+        "CLIP", "CLIPConfig", "PairedCaptions", "gradcache_step"))
+    Tokenizer, (TrainConfig, Trainer) = impl.module("text").Tokenizer, (impl.module("train").TrainConfig,
+                                                                        impl.module("train").Trainer)
 
     tok = Tokenizer.train([c for cs in train_split.captions for c in cs], min_freq=recipe.min_freq)
     model_config = {**recipe.model, "vocab_size": len(tok)}
@@ -138,11 +141,12 @@ def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progr
     return model, tok, summary
 
 
-def load_clip(path):
+def load_clip(path, impl=None):
     """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint of kind "clip"."""
-    from mmsys.checkpoint import load_checkpoint
-    from mmsys.clip import build_model
-    from mmsys.text import Tokenizer
+    from milestones.adapters import CANDIDATE  # (m5 branch: minimal impl= until m2's seam lands)
+    impl = impl or CANDIDATE
+    load_checkpoint, build_model = impl.module("checkpoint").load_checkpoint, impl.module("clip").build_model
+    Tokenizer = impl.module("text").Tokenizer
     ck = load_checkpoint(path, expect_kind="clip")
     model = build_model(ck["model_config"])
     model.load_state_dict(ck["ema"]["module"] if ck.get("ema") else ck["model"])

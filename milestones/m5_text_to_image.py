@@ -12,9 +12,11 @@ real images (prompt match: colour, shape and position), (3) a person (optional h
 - quick: embedded world, single-object scenes (the generator is trained on single-object train
   scenes and their 5 varied captions each; prompts are canonical captions "a {size} {colour}
   {shape} {position}" of test-split scenes; held-out (colour, shape) compositions reported
-  separately). Everything is trained in the run: conditioning CLIP (seed 1000 + seed, train
-  scenes 0..20k), judge CLIP (seed 2000 + seed, train scenes 20k..40k), the attribute judge
-  (``mmsys.attributes``, cached by recipe hash), the generator; then all evaluation.
+  separately). Everything is trained by the grader: the conditioning CLIP (the candidate's code,
+  seed 1000 + seed, train scenes 0..20k), the judge CLIP (the grader's own code,
+  :data:`milestones.adapters.REFERENCE`, seed 2000 + seed, train scenes 20k..40k, cached by recipe
+  hash; never taken from a submitted folder), the attribute judge (``eval.attributes``,
+  cached by recipe hash), the generator; then all evaluation.
 - full: CIFAR-10 with class-name prompts "a photo of a {class}", both CLIPs trained on CIFAR-10
   captions, prompt match judged by a CIFAR-10 classifier (the m1 ViT recipe) trained here.
 
@@ -24,30 +26,25 @@ on machine load). Measured with one thread on a shared 2-core box (the other cor
 1,450 s wall; estimated ~13.5 min on an idle 2-core CPU at the measured 1.7x two-thread speed-up
 of the engine (the 15-minute budget; not measured on an idle machine).
 
-Interface an implementation must provide (``--impl`` swaps the ``mmsys`` package):
-    mmsys.text2image.T2IConfig(unet, clip, image_size, patch, schedule, T, p_uncond, min_snr_gamma,
-                               prediction, layout_channels)
-    mmsys.text2image.from_clip(cfg, clip, tokenizer) -> TextToImage (.text.fit_standardisation(ids, pad_mask)):
-        forward(x_t (B,3,H,W), t (B,), context (B,L,D), pad_mask (B,L)) -> eps (B,3,H,W);
-        loss(x0, ids, pad_mask) -> (loss, metrics); encode(prompts) -> (context, pad_mask);
-        generate(prompts, negative=None, guidance, sampler "ddim"|"ddpm", steps, n, generator|seed)
-            -> uint8 (P*n, 3, H, W)
-    mmsys.text2image.CaptionedImages(images, captions, tokenizer, context_length, p_uncond).get_batch
-    mmsys.text2image.load_text2image(path) -> (model, checkpoint), world_prompts(split, n)
-    mmsys.attributes.load_or_train / predict_attributes, mmsys.clip (m2), mmsys.train.Trainer,
-    mmsys.data.world, mmsys.data.cifar.load_cifar10, mmsys.human_eval.write_sheet
+Interface: generated from the seam, ``milestones/adapters.py`` (``MILESTONE.interface``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from eval.t2i_eval import Judges, evaluate, make_figures, shuffled, world_judges  # noqa: F401 (re-exported)
+from eval.reference.checkpoint import sha256_file
+from eval.reference.text2image import CHECKPOINT_KIND, SamplingConfig
+from eval.text2image_eval import Judges, evaluate, make_figures, shuffled, world_judges  # noqa: F401 (re-exported)
+from milestones.adapters import CANDIDATE, REFERENCE
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
+from milestones.common import CheckpointError, data_root, eval_weights, read_checkpoint, train_config
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -83,7 +80,7 @@ class M5Recipe:
     # 2x2 space-to-depth: the U-Net runs at 16x16 (cross-attention at 8x8 and 4x4); v-prediction,
     # standardised text features and caption layout maps (see mmsys.text2image: measured, an
     # eps-model without them learned colour but left position at chance)
-    t2i: dict = field(default_factory=lambda: dict(
+    text2image: dict = field(default_factory=lambda: dict(
         unet=dict(base=32, channel_mults=(1, 2, 2), n_res=1, attn_resolutions=(8, 4), dropout=0.0, groups=8,
                   n_heads=4),
         patch=2, schedule="cosine", T=1000, p_uncond=0.1, min_snr_gamma=5.0, layout_channels=4,
@@ -98,15 +95,12 @@ class M5Recipe:
     max_minutes: float | None = None  # optional wall-clock cap (None: runs are fixed in steps)
     threads: int | None = None  # torch threads for the run (None = leave as is)
     # evaluation
-    # the default guidance scale (gates). Measured on the 3,000-step quick generator, 400 test
-    # prompts (DDIM 25, eta 1, seed 0): prompt match 0.877 / 0.933 / 0.933 / 0.918 / 0.890 at
-    # s = 1 / 1.5 / 2 / 3 / 5; held-out compositions (200) 0.425 / 0.58 / 0.585 / 0.57 / 0.505.
-    guidance: float = 2.0
+    # the gates' sampling: guidance (default scale), sampler, steps, eta (the one set of defaults,
+    # SamplingConfig: measured on the 3,000-step quick generator, 400 test prompts, prompt match
+    # 0.877 / 0.933 / 0.933 / 0.918 / 0.890 at s = 1 / 1.5 / 2 / 3 / 5; held-out compositions
+    # (200) 0.425 / 0.58 / 0.585 / 0.57 / 0.505)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
-    sampler: str = "ddim"
-    sample_steps: int = 25
-    eta: float = 1.0  # DDIM stochasticity: 1 = DDPM-like noise on the 25-step subsequence (cleaner
-    # backgrounds than the deterministic eta = 0 for a briefly trained model; measured)
     n_eval: int = 100
     n_gain: int = 400  # paired samples at s = 1 and the default scale for the guidance-gain gate
     # (the first n_eval are the gate samples; 100 pairs were too few: +0.02 measured, +-0.03 noise)
@@ -128,15 +122,14 @@ RECIPES = {
                      clip_model=dict(CLIP_QUICK, patch_size=4, vision_dim=256, vision_depth=6, vision_heads=8,
                                      text_dim=128, text_depth=2, embed_dim=128),
                      clip_steps=4000, clip_batch=512, clip_lr=1e-3, clip_max_minutes=None,
-                     t2i=dict(unet=dict(base=128, channel_mults=(1, 2, 2), n_res=2, attn_resolutions=(16, 8),
+                     text2image=dict(unet=dict(base=128, channel_mults=(1, 2, 2), n_res=2, attn_resolutions=(16, 8),
                                         dropout=0.1, groups=32, n_heads=8),
                               patch=1, schedule="cosine", T=1000, p_uncond=0.1, min_snr_gamma=5.0),
                      steps=60_000, batch_size=128, lr=2e-4, warmup_steps=1000, ema_decay=0.9999,
-                     max_minutes=None, sample_steps=50, n_eval=1000, n_heldout=0, negative="a photo of a frog",
+                     max_minutes=None, sampling=SamplingConfig(steps=50), n_eval=1000, n_heldout=0, negative="a photo of a frog",
                      n_negative=500, n_real=5000),
 }
-# A short CPU proof of the full path (``MMSYS_M5_FULL_SMOKE=1 python grader.py m5 --profile full`` or
-# ``python -m milestones.m5_text_to_image full-smoke``): the same CIFAR-10 data path, caption
+# A short CPU proof of the full path (``python grader.py m5 --profile full --smoke``): the same CIFAR-10 data path, caption
 # templates, CLIPs, classifier judge, Inception FID, guidance sweep and report, with tiny models,
 # 100 images per class and a few steps. A path check: its numbers are not quality measurements.
 FULL_SMOKE = replace(RECIPES["full"], cifar_limit=100,
@@ -144,19 +137,11 @@ FULL_SMOKE = replace(RECIPES["full"], cifar_limit=100,
                      clip_model=dict(CLIP_QUICK, vision_dim=48, vision_depth=1, text_dim=48, text_depth=1,
                                      embed_dim=48),
                      clip_steps=20, clip_batch=64,
-                     t2i=dict(unet=dict(base=16, channel_mults=(1, 2), n_res=1, attn_resolutions=(16,),
+                     text2image=dict(unet=dict(base=16, channel_mults=(1, 2), n_res=1, attn_resolutions=(16,),
                                         dropout=0.0, groups=8, n_heads=2), patch=1),
                      steps=20, batch_size=32, lr=1e-3, warmup_steps=2, ema_decay=0.9,
                      class_judge=dict(steps=20, batch_size=64, warmup_steps=2, max_minutes=None),
-                     sweep=(1.0, 3.0), sample_steps=5, n_eval=40, n_gain=40, n_negative=20, n_real=200)
-
-
-def recipe_for(profile: str) -> M5Recipe:
-    """The profile's recipe; ``MMSYS_M5_FULL_SMOKE=1`` swaps the full one for :data:`FULL_SMOKE`."""
-    import os
-    if profile == "full" and os.environ.get("MMSYS_M5_FULL_SMOKE") == "1":
-        return FULL_SMOKE
-    return RECIPES[profile]
+                     sweep=(1.0, 3.0), sampling=SamplingConfig(steps=5), n_eval=40, n_gain=40, n_negative=20, n_real=200)
 
 
 CIFAR_TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}", "a {}", "a photo of the {}")
@@ -165,7 +150,7 @@ CIFAR_TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}", "
 # ------------------------------------------------------------------ data
 def slice_split(split, a: int, b: int, tag: str):
     """Items [a, b) of a DataSplit as a new DataSplit (identity records the range)."""
-    from mmsys.data.split import DataSplit
+    from eval.reference.data.split import DataSplit
     meta = {k: ({kk: vv[a:b] for kk, vv in v.items()} if k == "scenes" else v) for k, v in split.meta.items()}
     return DataSplit(f"{split.name}[{tag}]", split.images[a:b],
                      None if split.labels is None else split.labels[a:b], split.classes,
@@ -182,20 +167,17 @@ def cifar_captions(labels: torch.Tensor, classes: list[str]) -> list[list[str]]:
 
 
 def load_data(recipe: M5Recipe, ctx: RunContext):
-    """(generator/conditioning train split, judge-CLIP train split, test split) DataSplits with captions."""
+    """(generator/conditioning train split, judge-CLIP train split, test split) DataSplits with
+    captions, all from the grader's own data code."""
     if recipe.data == "world":
-        from mmsys.data.world import make_split
+        from eval.reference.data.world import make_split
         n, m = recipe.n_train, recipe.n_judge_train
         train = make_split("train", n + m, single=True)
         return slice_split(train, 0, n, "cond"), slice_split(train, n, n + m, "judge"), \
             make_split("test", recipe.n_real, single=True)
-    from mmsys.data.cifar import load_cifar10
-    from mmsys.data.paths import shared_data_root
-    from mmsys.data.split import DataMissingError
-    root = ctx.data_root or (shared_data_root() / "cifar10" if shared_data_root() else None)
-    if root is None:
-        raise DataMissingError("m5 full profile needs CIFAR-10: pass --data-root pointing at a cifar-10-batches-py "
-                               "folder, a train/test JPEG tree or cifar10-jpg.tar.gz (or add --download)")
+    from eval.reference.data.cifar import load_cifar10
+    root = data_root(ctx, "cifar10", "m5 full profile needs CIFAR-10: pass --data-root pointing at a "
+                     "cifar-10-batches-py folder, a train/test JPEG tree or cifar10-jpg.tar.gz (or add --download)")
     train = load_cifar10(root, "train", download=ctx.download, limit=recipe.cifar_limit)
     test = load_cifar10(root, "test", download=ctx.download, limit=recipe.cifar_limit)
     for s in (train, test):
@@ -203,7 +185,7 @@ def load_data(recipe: M5Recipe, ctx: RunContext):
     return train, train, slice_split(test, 0, min(recipe.n_real, len(test)), "eval")
 
 
-# ------------------------------------------------------------------ training
+# ------------------------------------------------------------------ the two CLIPs
 def clip_recipe(recipe: M5Recipe):
     from milestones.m2_clip import RECIPES as M2
     return replace(M2["quick"], n_train=None, model=dict(recipe.clip_model), steps=recipe.clip_steps,
@@ -211,53 +193,83 @@ def clip_recipe(recipe: M5Recipe):
                    max_minutes=recipe.clip_max_minutes)
 
 
-def train_clips(recipe: M5Recipe, cond_split, judge_split, ctx: RunContext, which=("cond", "judge")) -> dict:
-    """Train the conditioning CLIP and the judge CLIP: two runs, two seeds, two data slices.
-    Returns {name: (model, tokenizer, summary + checkpoint path and sha256)}."""
+def train_conditioning_clip(recipe: M5Recipe, split, ctx: RunContext, impl=CANDIDATE):
+    """The generator's text encoder: an m2 CLIP of the implementation under test, trained here
+    (seed ``cond_seed + ctx.seed``) into ``out_dir/clip_cond``. Returns (model, tokenizer, info)."""
     from milestones.m2_clip import train_clip
-    from mmsys.checkpoint import sha256_file
-    out = {}
-    for name, split, seed in (("cond", cond_split, recipe.cond_seed), ("judge", judge_split, recipe.judge_seed)):
-        if name not in which:
-            continue
-        d = ctx.path(f"clip_{name}")
-        model, tok, summary = train_clip(clip_recipe(recipe), split, seed + ctx.seed, d, ctx.progress, ctx.device)
-        summary.update(seed=seed + ctx.seed, data=split.name, checkpoint=str(d / "checkpoint.pt"),
-                       sha256=sha256_file(d / "checkpoint.pt"))
-        out[name] = (model, tok, summary)
-    return out
+    d, seed = ctx.path("clip_cond"), recipe.cond_seed + ctx.seed
+    model, tok, summary = train_clip(clip_recipe(recipe), split, seed, d, ctx.progress, ctx.device, impl=impl)
+    summary.update(seed=seed, data=split.name, checkpoint=str(d / "checkpoint.pt"),
+                   sha256=sha256_file(d / "checkpoint.pt"))
+    return model, tok, summary
 
 
-def train_t2i(recipe: M5Recipe, train_split, clip, tok, ctx: RunContext, clip_info: dict | None = None):
-    """Train the text-to-image model (frozen ``clip`` text tower) with the shared engine.
+def judge_clip(recipe: M5Recipe, split, ctx: RunContext, cache: bool = True):
+    """The judge CLIP: the grader's own m2 code (:data:`REFERENCE`), seed ``judge_seed + ctx.seed``,
+    trained on ``split`` -- never the submitted folder's. Cached like the attribute judge:
+    ``cache_dir("judges")/m5-judge-clip-<hash>/checkpoint.pt``, the hash over the CLIP recipe,
+    the seed and the data's name and content hash. Returns (model, tokenizer, info with the
+    checkpoint path, sha256, recipe_hash and whether it was trained now)."""
+    from eval.reference.data.paths import cache_dir
+    from milestones.m2_clip import load_clip, train_clip
+    crecipe, seed = clip_recipe(recipe), recipe.judge_seed + ctx.seed
+    key = json.dumps({"recipe": asdict(crecipe), "seed": seed, "data": split.name, "data_sha256": split.sha256(),
+                      "judge": "m5-judge-clip/1"}, sort_keys=True, default=str)
+    h = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = cache_dir("judges") / f"m5-judge-clip-{h}" if cache else ctx.path("clip_judge")
+    ckpt = folder / "checkpoint.pt"
+    if cache and ckpt.is_file():
+        model, tok, _ = load_clip(ckpt, impl=REFERENCE)
+        info = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+        return model, tok, {**info, "checkpoint": str(ckpt), "sha256": sha256_file(ckpt), "trained_now": False}
+    work = folder.with_name(f"{folder.name}.tmp-{os.getpid()}") if cache else folder
+    model, tok, summary = train_clip(crecipe, split, seed, work, ctx.progress, ctx.device, impl=REFERENCE)
+    summary.update(seed=seed, data=split.name, recipe_hash=h, code="eval.reference (the grader's own)")
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if cache:
+        if ckpt.is_file():  # another run cached it meanwhile: same recipe, same weights
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            os.replace(work, folder)
+    return model, tok, {**summary, "checkpoint": str(ckpt), "sha256": sha256_file(ckpt), "trained_now": True}
+
+
+# ------------------------------------------------------------------ the generator
+def train_text2image(recipe: M5Recipe, train_split, clip, tok, ctx: RunContext, clip_info: dict | None = None,
+                     impl=CANDIDATE):
+    """Train the text-to-image model (frozen ``clip`` text tower) with the implementation's engine.
     Returns (model in eval mode (EMA), trainer summary)."""
-    from mmsys.text2image import CaptionedImages, T2IConfig, from_clip
-    from mmsys.train import TrainConfig, Trainer
     torch.manual_seed(ctx.seed)
-    model = from_clip(T2IConfig(**recipe.t2i), clip, tok)
-    data = CaptionedImages(train_split.images, train_split.captions, tok, model.text.context_length,
-                           model.cfg.p_uncond)
+    model = impl.text2image_build(recipe.text2image, clip, tok)
+    model_config = impl.text2image_model_config(model)
+    data = impl.text2image_captioned_data(train_split.images, train_split.captions, tok,
+                                          model_config["clip"]["context_length"], model_config["p_uncond"])
     # standardise the frozen text features on (up to) 5,000 training captions (before the
     # engine copies the model for its EMA, so both hold the fitted statistics)
-    text_stats = model.text.fit_standardisation(data.ids[:5000], data.pad_mask[:5000])
+    text_stats = impl.text2image_fit_text_standardisation(model, data.ids[:5000], data.pad_mask[:5000])
 
     def loss_fn(m, batch):
-        loss, metrics = m.loss(batch["images"], batch["ids"], batch["pad_mask"])
+        loss, metrics = impl.text2image_loss(m, batch["images"], batch["ids"], batch["pad_mask"])
         return loss, {**metrics, "dropped": batch["dropped"].float().mean()}
 
-    cfg = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                      weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps, bf16=recipe.bf16,
-                      ema_decay=recipe.ema_decay, seed=ctx.seed, out_dir=str(ctx.out_dir), device=ctx.device,
-                      progress=ctx.progress, log_every=50,
-                      max_seconds=recipe.max_minutes * 60 if recipe.max_minutes else None)
     extra = {"tokenizer": tok.state_dict(), "text_encoder": clip_info or {}, "train_data": train_split.name,
-             "sampling": {"guidance": recipe.guidance, "sampler": recipe.sampler, "steps": recipe.sample_steps,
-                          "eta": recipe.eta}}
-    trainer = Trainer(model, cfg, loss_fn=loss_fn, data_size=len(data), get_batch=data.get_batch, kind="t2i",
-                      model_config=model.cfg.to_dict(), extra=extra)
+             "sampling": asdict(recipe.sampling)}
+    trainer = impl.trainer(model, train_config(recipe, ctx, log_every=50), loss_fn=loss_fn, data_size=len(data),
+                           get_batch=data.get_batch, kind=CHECKPOINT_KIND, model_config=model_config, extra=extra)
     summary = trainer.fit()
-    summary.update(n_params=model.n_params(), text_standardisation=text_stats)
+    summary.update(n_params=impl.text2image_n_params(model), text_standardisation=text_stats)
     return trainer.eval_model().eval(), summary
+
+
+def load_text2image(path, ctx: RunContext, impl=CANDIDATE):
+    """(model in eval mode on ctx.device, checkpoint dict): the grader reads the file itself and
+    the implementation builds the model from its parts. Raises CheckpointError (exit 2)."""
+    ck = read_checkpoint(path, CHECKPOINT_KIND)
+    if "tokenizer" not in (ck.get("extra") or {}):
+        raise CheckpointError(f"checkpoint {path} has no extra['tokenizer']: not a text-to-image checkpoint")
+    model = impl.text2image_from_checkpoint(ck["model_config"], ck["extra"]["tokenizer"], eval_weights(ck))
+    return model.to(ctx.device).eval(), ck
 
 
 # ------------------------------------------------------------------ the human gate
@@ -265,20 +277,13 @@ def human_gate(ctx: RunContext, images: torch.Tensor, prompts: list[str], meta: 
     """Write the sheet for a person (out_dir/human_eval/) and read out_dir/human_eval.json if a
     person has answered. The gate counts only answers about exactly these images (same checkpoint,
     prompts, seed, guidance, sampler, steps); otherwise it is reported as not recorded / stale."""
-    from mmsys.human_eval import write_sheet
+    from eval.human_eval import read_record, write_sheet
     paths = write_sheet(images, prompts, ctx.path("human_eval"), meta)
     answers = ctx.out_dir / "human_eval.json"
     out = {"sheet": paths["sheet"], "html": paths["html"], "answers_file": str(answers),
-           "how": f"python -m mmsys.human_eval record {ctx.out_dir / 'human_eval'}  (then grade again with "
+           "how": f"python -m apps.human_eval record {ctx.out_dir / 'human_eval'}  (then grade again with "
                   f"--checkpoint {ctx.out_dir / 'checkpoint.pt'})"}
-    if not answers.is_file():
-        return {**out, "status": "not recorded"}
-    rec = json.loads(answers.read_text())
-    if rec.get("meta") != meta:
-        diff = sorted(k for k in set(meta) | set(rec.get("meta") or {}) if (rec.get("meta") or {}).get(k) != meta.get(k))
-        return {**out, "status": f"stale: the answers are about other images (differs in {diff})"}
-    return {**out, "status": "recorded", "value": rec["human_prompt_match"], "n": rec["n"],
-            "annotator": rec.get("annotator", "")}
+    return {**out, **read_record(answers, meta)}
 
 
 # ------------------------------------------------------------------ the run
@@ -287,12 +292,9 @@ def _threads(n):
         torch.set_num_threads(n)
 
 
-def run_profile(ctx: RunContext, recipe: M5Recipe) -> RunResult:
+def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
     from eval.fid import module_digest
-    from milestones.m2_clip import load_clip
-    from mmsys.checkpoint import sha256_file
-    from mmsys.human_eval import sheet_meta
-    from mmsys.text2image import load_text2image
+    from eval.human_eval import sheet_meta
     _threads(recipe.threads)
     T, t_start, c_start = {}, time.perf_counter(), time.process_time()
     t0 = time.perf_counter()
@@ -301,45 +303,43 @@ def run_profile(ctx: RunContext, recipe: M5Recipe) -> RunResult:
     ctx.log(f"data: {cond_split.name} {len(cond_split)}, {judge_split.name} {len(judge_split)}, "
             f"{test.name} {len(test)} ({T['data_s']:.1f} s)")
     info, ckpt = ({"label": recipe.label} if recipe.label else {}), str(ctx.path("checkpoint.pt"))
-    judge_ckpt = (ctx.checkpoint.parent if ctx.checkpoint else ctx.out_dir) / "clip_judge" / "checkpoint.pt"
     t0 = time.perf_counter()
     if ctx.checkpoint:
-        model, ck = load_text2image(ctx.checkpoint, ctx.device)
+        model, ck = load_text2image(ctx.checkpoint, ctx, impl)
         ckpt, info["loaded_step"] = str(ctx.checkpoint), ck.get("step")
-        if judge_ckpt.is_file():
-            jclip, jtok, _ = load_clip(judge_ckpt)
-            jinfo = {"checkpoint": str(judge_ckpt), "sha256": sha256_file(judge_ckpt), "trained_now": False}
-        else:
-            jclip, jtok, jinfo = train_clips(recipe, cond_split, judge_split, ctx, which=("judge",))["judge"]
         cond_info = (ck.get("extra") or {}).get("text_encoder", {})
     else:
-        clips = train_clips(recipe, cond_split, judge_split, ctx)
-        (cclip, ctok, cond_info), (jclip, jtok, jinfo) = clips["cond"], clips["judge"]
+        cclip, ctok, cond_info = train_conditioning_clip(recipe, cond_split, ctx, impl)
+    jclip, jtok, jinfo = judge_clip(recipe, judge_split, ctx)
     T["clips_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if not ctx.checkpoint:
-        model, info["training"] = train_t2i(recipe, cond_split, cclip, ctok, ctx, cond_info)
+        model, info["training"] = train_text2image(recipe, cond_split, cclip, ctok, ctx, cond_info, impl)
     T["generator_train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     judges = make_judges(recipe, jclip, jtok, jinfo, judge_split, test, ctx)
     T["judges_s"] = time.perf_counter() - t0
-    cond_digest, judge_digest = module_digest(model.text.tower), module_digest(jclip.text_tower)
+    cond_digest, judge_digest = module_digest(impl.text2image_text_tower(model)), module_digest(jclip.text_tower)
     if cond_digest == judge_digest:
         raise RuntimeError("the judge CLIP is the conditioning CLIP: a generator must not be graded by its own encoder")
     info.update(conditioning_clip=cond_info, judges=judges.info, judge_differs_from_conditioning=True,
                 conditioning_text_tower_digest=cond_digest, judge_text_tower_digest=judge_digest)
     prompts, gain_prompts, heldout = eval_prompts(recipe, test)
-    ctx.log(f"evaluating: {len(prompts)} prompts x guidance {sorted(set(recipe.sweep) | {recipe.guidance, 1.0})}")
+    sp = recipe.sampling
+    ctx.log(f"evaluating: {len(prompts)} prompts x guidance {sorted(set(recipe.sweep) | {sp.guidance, 1.0})}")
     t0 = time.perf_counter()
-    real_caps = test_captions(recipe, test)
-    metrics, more, samples = evaluate(model, judges, prompts, heldout, test.images, real_caps, recipe,
-                                      ctx.progress, seed=ctx.seed, gain_prompts=gain_prompts)
+
+    metrics, more, samples = evaluate(sampler_for(model, sp, ctx.seed, ctx.progress, impl), judges, prompts, heldout, test.images, test_captions(recipe, test),
+                                      sp.guidance, recipe.sweep, seed=ctx.seed, gain_prompts=gain_prompts,
+                                      negative=recipe.negative, negative_base=recipe.negative_base,
+                                      n_negative=recipe.n_negative)
+    more["sampling"].update(sampler=sp.sampler, steps=sp.steps, eta=sp.eta)
     T["evaluation_s"] = time.perf_counter() - t0
     info.update(more)
-    figs = make_figures(samples, prompts, heldout, judges, metrics, info, recipe, ctx.out_dir)
-    meta = sheet_meta(sha256_file(ckpt), prompts, ctx.seed, recipe.guidance, recipe.sampler, recipe.sample_steps,
-                      recipe.eta)
-    human = human_gate(ctx, samples[recipe.guidance], prompts, meta)
+    figs = make_figures(samples, prompts, heldout, judges, metrics, info, sp.guidance,
+                        f"{sp.sampler.upper()} {sp.steps} steps", ctx.out_dir, recipe.negative, recipe.negative_base)
+    meta = sheet_meta(sha256_file(ckpt), prompts, ctx.seed, sp.guidance, sp.sampler, sp.steps, sp.eta)
+    human = human_gate(ctx, samples[sp.guidance], prompts, meta)
     info["human_eval"] = human
     if human["status"] == "recorded":
         metrics["human_prompt_match"] = human["value"]
@@ -347,13 +347,24 @@ def run_profile(ctx: RunContext, recipe: M5Recipe) -> RunResult:
     T["total_cpu_s"] = time.process_time() - c_start  # CPU seconds of this process (all threads)
     info["timings_s"] = {**T, **info.get("timings_s", {}), "threads": torch.get_num_threads()}
     ctx.log(f"clip score {metrics['clip_score']:.3f} (real {metrics['clip_score_real']:.3f}, shuffled "
-            f"{metrics['clip_score_shuffled']:.3f}); prompt match {metrics['prompt_match']:.2f} at s={recipe.guidance:g}, "
+            f"{metrics['clip_score_shuffled']:.3f}); prompt match {metrics['prompt_match']:.2f} at s={sp.guidance:g}, "
             f"{metrics['prompt_match@1']:.2f} at s=1; human: {human['status']}")
     datasets = [s.summary() for s in ({cond_split.name: cond_split, judge_split.name: judge_split,
                                        test.name: test}.values())]
     return RunResult(metrics=metrics, info=info, datasets=datasets, checkpoint=ckpt,
-                     config={"recipe": asdict(recipe), "profile": ctx.profile, "model": model.cfg.to_dict()},
+                     config={"recipe": asdict(recipe), "profile": ctx.profile,
+                             "model": impl.text2image_model_config(model)},
                      figures=figs)
+
+
+def sampler_for(model, sampling: SamplingConfig, seed: int, progress: bool = False, impl=CANDIDATE):
+    """The ``sample(prompts, guidance, negative=None) -> uint8 (P, 3, H, W)`` callable the
+    evaluation draws with: ``sampling`` (sampler, steps, eta) at any guidance scale, image ``i``
+    seeded by ``(seed, i)``."""
+    def sample(prompts, guidance, negative=None):
+        return impl.text2image_sample(model, prompts, {**asdict(sampling), "guidance": guidance}, negative=negative,
+                                      seed=seed, progress=progress)
+    return sample
 
 
 def eval_prompts(recipe: M5Recipe, test) -> tuple[list[str], list[str], list[str] | None]:
@@ -361,7 +372,7 @@ def eval_prompts(recipe: M5Recipe, test) -> tuple[list[str], list[str], list[str
     held-out-composition prompts or None)."""
     n = max(recipe.n_eval, recipe.n_gain)
     if recipe.data == "world":
-        from mmsys.text2image import world_prompts
+        from eval.prompt_match import world_prompts
         prompts, _ = world_prompts("test", n)
         heldout = world_prompts("heldout", recipe.n_heldout)[0] if recipe.n_heldout else None
     else:
@@ -372,7 +383,7 @@ def eval_prompts(recipe: M5Recipe, test) -> tuple[list[str], list[str], list[str
 def test_captions(recipe: M5Recipe, test) -> list[str]:
     """One prompt-style caption per real test image (the CLIP ceiling/floor and real prompt match)."""
     if recipe.data == "world":
-        from mmsys.data.world import canonical_caption, scene_row
+        from eval.reference.data.world import canonical_caption, scene_row
         return [canonical_caption(scene_row(test.meta["scenes"], i)) for i in range(len(test))]
     return [CIFAR_TEMPLATES[0].format(test.classes[y]) for y in test.labels.tolist()]
 
@@ -415,20 +426,20 @@ class M5(Milestone):
     id = "m5"
     title = "Text-to-image diffusion with classifier-free guidance"
     marker = "m5"
-    test_files = ("tests/test_t2i.py", "tests/test_m5_gates.py")
+    test_files = ("tests/test_text2image.py", "tests/test_m5_gates.py")
     criteria = (
         Criterion("cross-attention from U-Net positions to text tokens: shapes, padding tokens masked",
-                  "test:tests/test_t2i.py::test_cross_attention_shapes_and_padding_mask"),
+                  "test:tests/test_text2image.py::test_cross_attention_shapes_and_padding_mask"),
         Criterion("frozen CLIP text tower gives the conditioning token features",
-                  "test:tests/test_t2i.py::test_text_encoder_frozen_and_token_features"),
+                  "test:tests/test_text2image.py::test_text_encoder_frozen_and_token_features"),
         Criterion("conditioning dropped to the empty prompt with probability p in training",
-                  "test:tests/test_t2i.py::test_conditioning_dropout_rate"),
+                  "test:tests/test_text2image.py::test_conditioning_dropout_rate"),
         Criterion("guidance formula eps_u + s (eps_c - eps_u) on constructed eps (s = 1: conditional)",
-                  "test:tests/test_t2i.py::test_guidance_formula_constructed_eps"),
+                  "test:tests/test_text2image.py::test_guidance_formula_constructed_eps"),
         Criterion("a negative prompt replaces the unconditional branch",
-                  "test:tests/test_t2i.py::test_negative_prompt_replaces_unconditional_branch"),
-        Criterion("DDPM and DDIM sampling; same seed -> same images", "test:tests/test_t2i.py::test_sampler_determinism"),
-        Criterion("prompt parsing to expected attributes", "test:tests/test_t2i.py::test_prompt_parsing_world"),
+                  "test:tests/test_text2image.py::test_negative_prompt_replaces_unconditional_branch"),
+        Criterion("DDPM and DDIM sampling; same seed -> same images", "test:tests/test_text2image.py::test_sampler_determinism"),
+        Criterion("prompt parsing to expected attributes", "test:tests/test_text2image.py::test_prompt_parsing_world"),
         Criterion("gates fail for an untrained model and for planted bugs (flipped guidance, no dropout)",
                   "test:tests/test_m5_gates.py"),
         Criterion("CLIP score in a judge CLIP of another run and seed", "gate:clip_score"),
@@ -451,8 +462,10 @@ class M5(Milestone):
     data_needed = {"quick": "none (embedded world)",
                    "full": "CIFAR-10 at --data-root (torchvision pickles, train/test JPEG tree or cifar10-jpg.tar.gz)"}
 
+    smoke_recipes = {"full": FULL_SMOKE}
+
     def run(self, ctx: RunContext) -> RunResult:
-        return run_profile(ctx, recipe_for(ctx.profile))
+        return run_profile(ctx, self.recipe(ctx))
 
     def verdicts(self, result: RunResult, profile: str) -> list[dict]:
         """The automatic gates, plus the human gate when a person's answers about these very
@@ -468,16 +481,3 @@ class M5(Milestone):
 
 MILESTONE = M5()
 
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="m5 helpers")
-    p.add_argument("command", choices=("full-smoke",))
-    p.add_argument("--data-root", required=True, help="folder with CIFAR-10 (e.g. ../shared/data/cifar10)")
-    p.add_argument("--out", default="results/m5-full-smoke")
-    a = p.parse_args()
-    import sys
-    import subprocess
-    env = {**__import__("os").environ, "MMSYS_M5_FULL_SMOKE": "1"}
-    sys.exit(subprocess.call([sys.executable, "grader.py", "m5", "--profile", "full", "--data-root", a.data_root,
-                              "--out", a.out, "--no-progress"], env=env))

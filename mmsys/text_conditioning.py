@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+EMPTY_PROMPT = ""  # the unconditional branch: tokens <bos> <eos>
+
 
 def text_token_features(tower: nn.Module, ids: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
     """Per-token hidden states of an m2 CLIP text tower (the sequence CLIP pools from).
@@ -144,3 +146,67 @@ def pooled_features(context: torch.Tensor, pad_mask: torch.Tensor | None) -> tor
     eos = context[torch.arange(B, device=context.device), last]
     mean = (context * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
     return torch.cat([eos, mean], dim=-1)
+
+
+class CaptionedImages:
+    """(image, caption) pairs for text-to-image training, with conditioning dropout.
+
+    Captions are tokenised once; each draw picks one random caption per image and replaces it by
+    the empty prompt with probability ``p_uncond``.
+
+    Args:
+        images: uint8 (N, 3, H, W); captions: per image a non-empty list of strings.
+        tokenizer, context_length: the conditioning text tower's tokenizer and length.
+        p_uncond: conditioning dropout probability.
+    """
+
+    def __init__(self, images: torch.Tensor, captions: list[list[str]], tokenizer, context_length: int,
+                 p_uncond: float = 0.1):
+        if any(len(c) == 0 for c in captions):
+            raise ValueError("every image needs at least one caption")
+        self.images, self.p_uncond = images, float(p_uncond)
+        self.ids, self.pad_mask = tokenizer.batch_encode([c for cs in captions for c in cs], context_length)
+        self.counts = torch.tensor([len(c) for c in captions])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.counts.cumsum(0)[:-1]])
+        self.empty_ids = torch.tensor(tokenizer.encode(EMPTY_PROMPT))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get_batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """idx (B,) -> {images (B,3,H,W) float [-1,1], ids (B,L), pad_mask (B,L), dropped (B,) bool}."""
+        pick = (torch.rand(len(idx), generator=generator) * self.counts[idx]).long()
+        t = self.offsets[idx] + pick
+        ids, pad = self.ids[t], self.pad_mask[t]
+        ids, pad, dropped = drop_conditioning(ids, pad, self.empty_ids, self.p_uncond, generator)
+        L = max(int((~pad).sum(dim=1).max()), 1)
+        return {"images": self.images[idx].float().div(127.5).sub(1.0), "ids": ids[:, :L],
+                "pad_mask": pad[:, :L], "dropped": dropped}
+
+
+@torch.no_grad()
+def cross_attention_maps(model: nn.Module, *inputs) -> list[torch.Tensor]:
+    """The cross-attention weights of one forward pass ``model(*inputs)``: per U-Net attention
+    block with cross-attention (:class:`mmsys.diffusion.unet.AttentionBlock`, in call order), the
+    weights of image positions over text tokens (B, heads, h * w, L), h x w the block's
+    resolution; each row sums to 1 and puts no weight on padding (Rombach et al. 2022, eq. 3)."""
+    from .diffusion.unet import AttentionBlock
+    maps, busy = [], []
+
+    def grab(module, args, kwargs, out):
+        if busy:
+            return
+        busy.append(True)
+        try:  # the same call again, asking for the weights
+            maps.append(module(*args, **{**kwargs, "need_weights": True})[1])
+        finally:
+            busy.clear()
+
+    hooks = [b.cross.register_forward_hook(grab, with_kwargs=True)
+             for b in model.modules() if isinstance(b, AttentionBlock) and b.cross is not None]
+    try:
+        model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps

@@ -1,12 +1,9 @@
-"""Human evaluation of prompt match: show generated images with their prompts, record yes/no.
+"""Human evaluation of prompt match (a grading instrument): the sheet of generated images with
+their prompts, a person's yes/no answers, and the grader's reading of a recorded answer file.
 
-    # 1. write the sheet (100 images + prompts) from a trained text-to-image checkpoint
-    #    (`python grader.py m5` already writes it to runs/m5/human_eval/)
-    python -m mmsys.human_eval write --checkpoint runs/m5/checkpoint.pt --out runs/m5/human_eval
-    # 2. a person answers "does the image show the prompt's colour, shape and position?"
-    python -m mmsys.human_eval record runs/m5/human_eval            # asks in the terminal
-    python -m mmsys.human_eval record runs/m5/human_eval --answers answers.txt   # y/n per line
-    # -> runs/m5/human_eval.json, which `python grader.py m5` reads as the human gate
+The command line is ``python -m apps.human_eval`` (write / record). The grader (m5) writes the
+sheet of its gate images with :func:`write_sheet` and reads ``human_eval.json`` with
+:func:`read_record`, which counts only answers about exactly those images.
 
 The folder holds ``sheet.png`` (all images, numbered, prompt under each), ``index.html`` (the
 same as a page), ``images/NNN.png`` and ``template.json`` (prompts, image files and the run's
@@ -16,7 +13,7 @@ so a grader run can tell answers about *its* images from stale ones.
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import html
 import json
 import sys
@@ -25,11 +22,8 @@ from pathlib import Path
 
 import torch
 
-from apps.cli import fail, missing_checkpoint
-
 QUESTION = "Does the image show the prompt's colour, shape AND position? (size does not matter)"
 YES, NO = {"y", "yes", "1", "true", "t"}, {"n", "no", "0", "false", "f"}
-DEFAULT_DIR = Path("runs/m5/human_eval")
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:
@@ -76,7 +70,7 @@ def write_sheet(images: torch.Tensor, prompts: list[str], out_dir: str | Path, m
     (out / "index.html").write_text(f"<html><body><h3>{html.escape(QUESTION)}</h3><table border=1>"
                                     f"<tr><th>#</th><th>image</th><th>prompt</th></tr>{cells}</table></body></html>")
     template = {"question": QUESTION, "meta": meta or {}, "items": items,
-                "how": "fill each 'answer' with true/false, or run `python -m mmsys.human_eval record "
+                "how": "fill each 'answer' with true/false, or run `python -m apps.human_eval record "
                        f"{out}` (interactive, or --answers FILE with one y/n per line)"}
     (out / "template.json").write_text(json.dumps(template, indent=2))
     return {"sheet": str(out / "sheet.png"), "html": str(out / "index.html"),
@@ -151,77 +145,26 @@ def record(folder: str | Path, answers: list[bool], out: str | Path | None = Non
     return {**result, "path": str(out)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mmsys.human_eval", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write", help="generate the images and write the sheet + template")
-    w.add_argument("--checkpoint", default="runs/m5/checkpoint.pt")
-    w.add_argument("--out", default=str(DEFAULT_DIR))
-    w.add_argument("-n", type=int, default=100, help="number of prompts (test-split world scenes)")
-    w.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's recipe value")
-    w.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's recipe)")
-    w.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("record", help="record a person's yes/no answers")
-    r.add_argument("folder", nargs="?", default=str(DEFAULT_DIR))
-    r.add_argument("--answers", default=None, help="file with answers (one y/n per line, or JSON); '-' = stdin lines")
-    r.add_argument("--out", default=None, help="output JSON (default: FOLDER/../human_eval.json)")
-    r.add_argument("--annotator", default="", help="who answered")
-    r.add_argument("--show", action="store_true", help="open each image in a window while asking")
-    a = ap.parse_args(argv)
-    try:
-        if a.cmd == "write":
-            return _write_cmd(a)
-        folder = Path(a.folder)
-        if not (folder / "template.json").is_file():
-            raise FileNotFoundError(f"no {folder / 'template.json'}: run `python -m mmsys.human_eval write` "
-                                    f"(or `python grader.py m5`) first")
-        items = json.loads((folder / "template.json").read_text())["items"]
-        if a.answers == "-":
-            answers = ask(items, folder, sys.stdin, sys.stderr)
-        elif a.answers:
-            answers = read_answers(a.answers, len(items))
-        else:
-            answers = ask(items, folder, show=a.show)
-        res = record(folder, answers, a.out, a.annotator)
-        print(f"human prompt match {res['human_prompt_match']:.3f} ({res['yes']}/{res['n']}) -> {res['path']}")
-        return 0
-    except (FileNotFoundError, ValueError, EOFError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _write_cmd(a) -> int:
-    from .checkpoint import CheckpointError, sha256_file
-    from .text2image import load_text2image, world_prompts
-    if problem := missing_checkpoint(a.checkpoint, "text-to-image", "m5"):
-        return fail(problem)
-    try:
-        model, ck = load_text2image(a.checkpoint)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    sampling = (ck.get("extra") or {}).get("sampling", {})
-    guidance = a.guidance if a.guidance is not None else sampling.get("guidance", 2.0)
-    steps = a.steps if a.steps is not None else sampling.get("steps", 50)
-    eta = sampling.get("eta", 0.0)
-    prompts, _ = world_prompts("test", a.n)
-    images = model.generate(prompts, guidance=guidance, sampler="ddim", steps=steps, eta=eta, seed=a.seed,
-                            progress=True)
-    meta = sheet_meta(sha256_file(a.checkpoint), prompts, a.seed, guidance, "ddim", steps, eta)
-    paths = write_sheet(images, prompts, a.out, meta)
-    print(f"wrote {paths['sheet']}, {paths['html']} and {paths['template']}; now run "
-          f"`python -m mmsys.human_eval record {a.out}`")
-    return 0
-
-
 def sheet_meta(checkpoint_sha256: str, prompts: list[str], seed: int, guidance: float, sampler: str,
                steps: int, eta: float = 0.0) -> dict:
     """The identity of a set of generated images (what makes answers about them reusable)."""
-    import hashlib
     return {"checkpoint_sha256": checkpoint_sha256, "seed": seed, "guidance": float(guidance),
             "sampler": sampler, "steps": int(steps), "eta": float(eta), "n": len(prompts),
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def read_record(path: str | Path, meta: dict) -> dict:
+    """The grader's reading of a recorded answer file: ``{"status": "not recorded"}`` when there
+    is none, ``"stale: ..."`` when its answers are about other images (its ``meta`` differs from
+    ``meta``, the identity of the images graded now), else ``{"status": "recorded", "value":
+    share of yes, "n", "annotator"}``."""
+    path = Path(path)
+    if not path.is_file():
+        return {"status": "not recorded"}
+    rec = json.loads(path.read_text())
+    theirs = rec.get("meta") or {}
+    if theirs != meta:
+        diff = sorted(k for k in set(meta) | set(theirs) if theirs.get(k) != meta.get(k))
+        return {"status": f"stale: the answers are about other images (differs in {diff})"}
+    return {"status": "recorded", "value": rec["human_prompt_match"], "n": rec["n"],
+            "annotator": rec.get("annotator", "")}

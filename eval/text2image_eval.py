@@ -9,8 +9,9 @@
   100 x cosine), the judge's ceiling (real pairs) and floor (shuffled pairs), prompt match, FID,
   held-out compositions and the negative-prompt effect.
 
-``recipe`` is the milestone's ``M5Recipe`` (fields ``guidance``, ``sweep``, ``sampler``,
-``sample_steps``, ``eta``, ``n_negative``, ``negative``, ``negative_base``).
+The generator is reached only through a ``sample`` callable, ``sample(prompts, guidance,
+negative=None) -> uint8 (P, 3, H, W)`` (one image per prompt; image ``i`` depends only on its
+prompt and its seed ``i``): nothing here knows the implementation or the milestone's recipe.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,10 +50,13 @@ class Judges:
 
 
 def world_judges(clip, tok, clip_info: dict, progress: bool, negative: str) -> Judges:
+    """The quick profile's judges: the judge CLIP ``clip``/``tok`` (the grader's), the cached
+    attribute classifier (prompt match, its features for FID) and ``negative`` (a colour word)
+    as the negative concept."""
     from eval.fid import FeatureAdapter
     from eval.prompt_match import match_rates, match_table, parse_prompt
-    from mmsys.attributes import AttributeFeatures, load_or_train, predict_attributes
-    from mmsys.data.world import COLOURS
+    from eval.attributes import AttributeFeatures, load_or_train, predict_attributes
+    from eval.reference.data.world import COLOURS
     attr, ainfo = load_or_train(progress=progress)
     colour = parse_prompt(negative)["colour"]
     if colour is None:
@@ -75,22 +80,33 @@ def shuffled(captions: list[str], seed: int = 0) -> list[str]:
     return out
 
 
-def evaluate(model, judges: Judges, prompts: list[str], heldout_prompts: list[str] | None, real_images: torch.Tensor,
-             real_captions: list[str], recipe, progress: bool = False, seed: int = 0,
-             gain_prompts: list[str] | None = None):
+def evaluate(sample: Callable, judges: Judges, prompts: list[str], heldout_prompts: list[str] | None,
+             real_images: torch.Tensor, real_captions: list[str], guidance: float, sweep_scales, seed: int = 0,
+             gain_prompts: list[str] | None = None, negative: str = "", negative_base: str = "",
+             n_negative: int = 0):
     """All m5 numbers. Returns (metrics, info, samples).
 
-    Samples for each guidance scale of ``recipe.sweep`` (and ``recipe.guidance``) use the same
-    prompts and the same per-image seeds, so scales are compared pairwise. ``gain_prompts``
-    (``prompts`` followed by more; default ``prompts``) are sampled at s = 1 and at the default
-    scale for the guidance-gain gate: a difference of two prompt-match rates needs more samples
-    than either rate (image ``i`` depends only on its prompt and seed, so the first
-    ``len(prompts)`` of them are exactly the gate samples)."""
+    Args:
+        sample: ``sample(prompts, guidance, negative=None) -> uint8 (P, 3, H, W)`` (module docstring).
+        judges: the grader's :class:`Judges`.
+        prompts: the gate prompts; heldout_prompts: held-out compositions (or None).
+        real_images: uint8 (N, 3, H, W) real test images; real_captions: N prompt-style captions.
+        guidance: the default scale (the gates); sweep_scales: more scales to report (s = 1 and
+            ``guidance`` are always added).
+        seed: the seed of the shuffled-pair floor (recorded with the sampling protocol).
+        gain_prompts: ``prompts`` followed by more (default ``prompts``), sampled at s = 1 and at
+            ``guidance`` for the guidance-gain gate: a difference of two prompt-match rates needs
+            more samples than either rate (image ``i`` depends only on its prompt and seed, so the
+            first ``len(prompts)`` of them are exactly the gate samples).
+        negative, negative_base, n_negative: the negative-prompt test: ``n_negative`` samples of
+            ``negative_base`` with and without ``negative`` (0 = no test).
+
+    Samples for each scale use the same prompts and per-image seeds, so scales compare pairwise.
+    """
     from eval.clip_score import clip_score
     from eval.fid import fid, protocol
     timings, samples, sweep = {}, {}, {}
-    kw = dict(sampler=recipe.sampler, steps=recipe.sample_steps, eta=recipe.eta, seed=seed, progress=progress)
-    scales = sorted(set(recipe.sweep) | {recipe.guidance, 1.0})
+    scales = sorted(set(sweep_scales) | {guidance, 1.0})
 
     def cos(images, caps):
         return clip_score(judges.clip, judges.tok, images, caps)["mean_cosine"]
@@ -107,8 +123,8 @@ def evaluate(model, judges: Judges, prompts: list[str], heldout_prompts: list[st
     gain = {}  # scale -> (len(gain_prompts),) bool prompt match, for s = 1 and the default scale
     for s in scales:
         t0 = time.perf_counter()
-        paired = s in (1.0, recipe.guidance)
-        x = model.generate(gain_prompts if paired else prompts, guidance=s, **kw)
+        paired = s in (1.0, guidance)
+        x = sample(gain_prompts if paired else prompts, s)
         t1 = time.perf_counter()
         pred = judges.predict(x)
         if paired:
@@ -118,15 +134,15 @@ def evaluate(model, judges: Judges, prompts: list[str], heldout_prompts: list[st
                     "fid": fid(real_images, samples[s], judges.fid_feature)}
         sweep[s]["sample_s"], sweep[s]["judge_s"] = t1 - t0, time.perf_counter() - t1
         timings[f"guidance_{s:g}_s"] = time.perf_counter() - t0
-    d = sweep[recipe.guidance]
+    d = sweep[guidance]
     metrics.update({"clip_score": d["clip_score"], "clip_score_100": max(100 * d["clip_score"], 0.0),
                     "clip_score_margin": d["clip_score"] - floor,
                     "prompt_match": d["prompt_match"], "fid": d["fid"],
                     # on len(gain_prompts) paired samples (same prompt and seed at both scales)
-                    "guidance_gain": (gain[recipe.guidance].float().mean() - gain[1.0].float().mean()).item(),
+                    "guidance_gain": (gain[guidance].float().mean() - gain[1.0].float().mean()).item(),
                     "guidance_gain_n": len(gain_prompts),
                     "guidance_gain_on_gate_prompts": d["prompt_match"] - sweep[1.0]["prompt_match"]})
-    metrics["guidance_gain_sign_p"] = sign_test(gain[recipe.guidance], gain[1.0])
+    metrics["guidance_gain_sign_p"] = sign_test(gain[guidance], gain[1.0])
     if ceiling - floor > 0.05:  # where the generated images sit between the judge's floor (0) and ceiling (1)
         metrics["clip_score_normalised"] = (d["clip_score"] - floor) / (ceiling - floor)
     metrics.update({k: d[k] for k in d if k.endswith("_match") and k != "prompt_match"})
@@ -135,31 +151,30 @@ def evaluate(model, judges: Judges, prompts: list[str], heldout_prompts: list[st
                         f"fid@{s:g}": sweep[s]["fid"]})
     if heldout_prompts:
         t0 = time.perf_counter()
-        samples["heldout"] = model.generate(heldout_prompts, guidance=recipe.guidance, **kw)
+        samples["heldout"] = sample(heldout_prompts, guidance)
         h = judges.match_rates(heldout_prompts, judges.predict(samples["heldout"]))
         metrics.update({f"heldout_{k}": v for k, v in h.items() if k != "n"})
         metrics["heldout_clip_score"] = cos(samples["heldout"], heldout_prompts)
         timings["heldout_s"] = time.perf_counter() - t0
-    if recipe.n_negative:
+    if n_negative:
         t0 = time.perf_counter()
-        base = [recipe.negative_base] * recipe.n_negative
+        base = [negative_base] * n_negative
         # without a negative prompt: cond = uncond = base, so every scale gives eps_base (one pass)
-        samples["negative_off"] = model.generate(base, guidance=1.0 if not recipe.negative_base else recipe.guidance, **kw)
-        samples["negative_on"] = model.generate(base, negative=recipe.negative, guidance=recipe.guidance, **kw)
+        samples["negative_off"] = sample(base, 1.0 if not negative_base else guidance)
+        samples["negative_on"] = sample(base, guidance, negative)
         off = judges.negative_hit(judges.predict(samples["negative_off"])).float().mean().item()
         on = judges.negative_hit(judges.predict(samples["negative_on"])).float().mean().item()
         metrics.update(negative_frac_without=off, negative_frac_with=on, negative_drop=off - on)
         timings["negative_s"] = time.perf_counter() - t0
     info = {"sweep": {f"{s:g}": sweep[s] for s in scales}, "timings_s": timings,
-            "fid_protocol": protocol(judges.fid_feature, real_images, samples[recipe.guidance]),
+            "fid_protocol": protocol(judges.fid_feature, real_images, samples[guidance]),
             "guidance_convention": "eps = eps_u + s (eps_c - eps_u): s = 1 plain conditional (one pass), s = 0 "
                                    "unconditional; negative prompt replaces eps_u",
             "clip_score_scale": "clip_score is the mean cosine (judge CLIP); clip_score_100 = torchmetrics "
                                 "CLIPScore = max(100 x mean cosine, 0); threshold 0.25 cosine = 25 there",
-            "sampling": {**{k: v for k, v in kw.items() if k != "progress"}, "n_eval": len(prompts),
-                         "default_guidance": recipe.guidance, "scales": scales},
-            "negative_protocol": {"prompt": recipe.negative_base, "negative": recipe.negative, "n": recipe.n_negative,
-                                  "guidance": recipe.guidance}}
+            "sampling": {"seed": seed, "n_eval": len(prompts), "default_guidance": guidance, "scales": scales},
+            "negative_protocol": {"prompt": negative_base, "negative": negative, "n": n_negative,
+                                  "guidance": guidance}}
     return metrics, info, samples
 
 
@@ -173,13 +188,18 @@ def sign_test(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------ figures
 def make_figures(samples: dict, prompts: list[str], heldout_prompts, judges: Judges, metrics: dict, info: dict,
-                 recipe, out_dir: Path) -> list[str]:
-    """The m5 figures in ``out_dir``: samples, guidance grid and sweep, held-out, negative prompt."""
-    from eval.t2i_figures import guidance_grid, guidance_sweep_plot, negative_prompt_figure, sample_grid
-    g, k = recipe.guidance, min(24, len(prompts))
+                 guidance: float, sampler_name: str, out_dir: Path, negative: str = "",
+                 negative_base: str = "") -> list[str]:
+    """The m5 figures in ``out_dir``: samples, guidance grid and sweep, held-out, negative prompt.
+
+    ``samples``, ``metrics``, ``info``: what :func:`evaluate` returned for the default scale
+    ``guidance``; ``sampler_name`` names the sampler in titles (e.g. "DDIM 25 steps");
+    ``negative``/``negative_base``: the negative-prompt test's prompts."""
+    from eval.text2image_figures import guidance_grid, guidance_sweep_plot, negative_prompt_figure, sample_grid
+    g, k = guidance, min(24, len(prompts))
     ok = judges.match_table(prompts[:k], judges.predict(samples[g][:k]))["all"]
     figs = [sample_grid(samples[g][:k], prompts[:k], Path(out_dir) / ("samples.png"), ok=ok,
-                        title=f"guidance s = {g:g}, {recipe.sampler.upper()} {recipe.sample_steps} steps "
+                        title=f"guidance s = {g:g}, {sampler_name} "
                               f"(green: the judge sees colour, shape and position right)")]
     scales = sorted(s for s in samples if isinstance(s, float))
     figs.append(guidance_grid({s: samples[s][:8] for s in scales}, prompts[:8], Path(out_dir) / ("guidance_grid.png")))
@@ -193,6 +213,6 @@ def make_figures(samples: dict, prompts: list[str], heldout_prompts, judges: Jud
                                 ok=okh, title="held-out (colour, shape) compositions, never in training"))
     if "negative_on" in samples:
         figs.append(negative_prompt_figure(samples["negative_off"], samples["negative_on"], Path(out_dir) / ("negative_prompt.png"),
-                                           recipe.negative_base, recipe.negative, metrics["negative_frac_without"],
-                                           metrics["negative_frac_with"], what=recipe.negative))
+                                           negative_base, negative, metrics["negative_frac_without"],
+                                           metrics["negative_frac_with"], what=negative))
     return figs

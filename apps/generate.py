@@ -1,6 +1,6 @@
 """Generate images from a text prompt with a trained text-to-image model.
 
-    python -m mmsys.generate "a large red circle on the left" --negative "blue" --guidance 3 \\
+    python -m apps.generate "a large red circle on the left" --negative "blue" --guidance 3 \\
         --steps 50 -n 16 -o out.png
 
 Writes one PNG grid of the ``n`` samples (nearest-neighbour upscaled by ``--scale``). The
@@ -8,6 +8,8 @@ checkpoint defaults to ``runs/m5/checkpoint.pt`` (written by ``python grader.py 
 Guidance convention: ``eps = eps_uncond + s (eps_cond - eps_uncond)``; ``s = 1`` is the plain
 conditional model, ``s = 0`` the unconditional one; ``--negative`` replaces the unconditional
 branch by the negative prompt. ``--sampler ddpm`` runs all T steps (``--steps`` is ignored).
+Guidance, sampler, steps and eta default to what the checkpoint's recipe recorded, else to
+:data:`mmsys.text2image.SAMPLING` (the one place of those defaults).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ DEFAULT_CHECKPOINT = Path("runs/m5/checkpoint.pt")
 
 def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4, pad: int = 2) -> str:
     """uint8 (N, 3, H, W) -> one PNG grid of ceil(sqrt(N)) columns, each image upscaled ``scale``x."""
-    from .human_eval import save_png
+    from PIL import Image
     n, _, h, w = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -39,18 +41,18 @@ def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4, pad: int =
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid.round().clamp(0, 255).to(torch.uint8), path)
+    Image.fromarray(grid.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
     return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mmsys.generate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m apps.generate", description=__doc__.split("\n")[0])
     ap.add_argument("prompt", help='e.g. "a large red circle on the left"')
     ap.add_argument("--negative", default=None, help="negative prompt (replaces the unconditional branch)")
     ap.add_argument("--guidance", type=float, default=None,
-                    help="guidance scale s (1 = plain conditional; default: the checkpoint's recipe, 2 for the quick one)")
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    ap.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+                    help="guidance scale s (1 = plain conditional; default: the checkpoint's recipe)")
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's recipe)")
+    ap.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the checkpoint's recipe")
     ap.add_argument("--eta", type=float, default=None,
                     help="DDIM stochasticity: 0 deterministic, 1 DDPM-like (default: the checkpoint's recipe)")
     ap.add_argument("-n", type=int, default=16, help="number of samples (default 16)")
@@ -66,30 +68,27 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = Path(args.checkpoint)
     problem = (missing_checkpoint(ckpt, "text-to-image", "m5") or would_overwrite([args.out], args.force)
-               or ("-n and --steps must be at least 1" if args.n < 1 or args.steps < 1 else None))
+               or ("-n and --steps must be at least 1" if args.n < 1 or (args.steps or 1) < 1 else None))
     if problem:
         return fail(problem)
-    from .checkpoint import CheckpointError
-    from .text2image import load_text2image
+    from mmsys.checkpoint import CheckpointError
+    from mmsys.text2image import checkpoint_sampling, load_text2image
     try:
         model, ck = load_text2image(ckpt, args.device)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    sampling = (ck.get("extra") or {}).get("sampling", {})
-    eta = args.eta if args.eta is not None else sampling.get("eta", 0.0)
-    args.guidance = args.guidance if args.guidance is not None else sampling.get("guidance", 2.0)
+        return fail(str(e))
+    sampling = checkpoint_sampling(ck, guidance=args.guidance, sampler=args.sampler, steps=args.steps, eta=args.eta)
     unknown = [w for w in model.text.tokenizer.encode(args.prompt) if w == model.text.tokenizer.unk_id]
     if unknown:
         print(f"warning: {len(unknown)} word(s) of the prompt are not in the model's vocabulary "
               f"(they read as <unk>)", file=sys.stderr)
-    images = model.generate([args.prompt], negative=args.negative, guidance=args.guidance, sampler=args.sampler,
-                            steps=args.steps, n=args.n, seed=args.seed, eta=eta, bf16=not args.no_bf16,
-                            progress=True)
+    images = model.sample_images([args.prompt], negative=args.negative, n=args.n, seed=args.seed,
+                                 bf16=not args.no_bf16, progress=True, **sampling)
     path = save_grid(images, args.out, args.scale)
     neg = f', negative "{args.negative}"' if args.negative else ""
-    print(f'{path}: {args.n} samples of "{args.prompt}"{neg}, guidance {args.guidance:g}, '
-          f"{args.sampler.upper()} {args.steps if args.sampler == 'ddim' else model.schedule.T} steps")
+    steps = sampling["steps"] if sampling["sampler"] == "ddim" else model.schedule.T
+    print(f'{path}: {args.n} samples of "{args.prompt}"{neg}, guidance {sampling["guidance"]:g}, '
+          f"{sampling['sampler'].upper()} {steps} steps")
     return 0
 
 
