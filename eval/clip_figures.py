@@ -5,12 +5,14 @@
 - :func:`retrieval_grid`: text queries (rows) and their top-k images, correct ones framed green.
 - :func:`embedding_scatter`: images and texts PCA-projected to 2-D in one plot (one shared
   projection per panel), before vs after training, matching pairs joined by thin lines.
+- :func:`figure_set`: the three of them for one gallery split, from the model's two encoders.
 """
 
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -120,3 +122,53 @@ def embedding_scatter(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def figure_set(images: torch.Tensor, captions: list[list[str]], embed_images: Callable, embed_texts: Callable,
+               path: Callable, before=None, keys: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+               colours: torch.Tensor | None = None, k: int = 8) -> list[Path]:
+    """Similarity heatmap (the first 12 pairs), retrieval grids (6 text queries: the first
+    caption of images 0, 7, ..., 35; 4 image queries: images 0, 11, 22, 33; top-``k`` each) and,
+    when ``before`` is given, the embedding scatter before/after training.
+
+    Args:
+        images: (N, 3, H, W) uint8 gallery; captions: N lists of captions (the first is used).
+        embed_images: uint8 (n, 3, H, W) -> (n, E) unit vectors; embed_texts: T strings -> (T, E).
+        path: file name -> Path to write it to.
+        before: (image_emb (m, E), text_emb (m, E)) of the first m pairs before training.
+        keys: (N,) id, equal = the same canonical description (gold frames: a duplicate answer).
+        labels: (N,) class, equal = same colour and shape (green frames in image -> image).
+        colours: (N, 3) RGB in [0, 1] per image for the scatter.
+    """
+    n = 12
+    caps = [cs[0] for cs in captions[:n]]
+    img, txt = embed_images(images[:n]), embed_texts(caps)
+    figs = [similarity_heatmap(img @ txt.T, images[:n], caps, path("similarity_heatmap.png"))]
+    gallery = embed_images(images)
+    queries = [captions[i][0] for i in range(0, 6 * 7, 7)]
+    truth = torch.arange(0, 6 * 7, 7)
+    top = (embed_texts(queries) @ gallery.T).topk(k, dim=1)
+    grade = (top.indices == truth[:, None]).long() * 2
+    title = "text -> image: top-8 of the test split (green = the captioned image)"
+    if keys is not None:  # gold: a different image with the same canonical description
+        grade = torch.maximum(grade, (keys[top.indices] == keys[truth][:, None]).long())
+        title = title[:-1] + ", gold = same canonical description)"
+    figs.append(retrieval_grid(queries, images[top.indices], path("retrieval_grid.png"),
+                               correct=grade, scores=top.values, title=title))
+    qi = torch.arange(4) * 11  # image -> image: 4 query images, their top-k others
+    sims = gallery[qi] @ gallery.T
+    sims[torch.arange(4), qi] = float("-inf")
+    top = sims.topk(k, dim=1)
+    same = None if labels is None else labels[top.indices] == labels[qi][:, None]
+    figs.append(retrieval_grid([f"test image {i}" for i in qi.tolist()], images[top.indices],
+                               path("retrieval_grid_image.png"), correct=same, scores=top.values,
+                               query_images=images[qi],
+                               title="image -> image: top-8 (green = same colour and shape of object A)"))
+    if before is not None:
+        m = len(before[0])
+        after = (gallery[:m], embed_texts([cs[0] for cs in captions[:m]]))
+        figs.append(embedding_scatter({"before training": before, "after training": after},
+                                      path("embedding_scatter.png"), colours=None if colours is None else colours[:m],
+                                      title="images (o) and captions (x) in the shared space, PCA; "
+                                            "colour = object colour"))
+    return figs

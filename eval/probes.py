@@ -14,9 +14,9 @@ et al. 2023, "When and why vision-language models behave like bags-of-words").
 - ``count``: one object vs a pair of identical objects ("a small red circle on the left" <->
   "two small red circles side by side").
 
-Perturbed captions are generated with the world's own caption grammar
-(:func:`eval.reference.data.world.canonical_caption`) from an edited scene row, so true and false captions
-differ only in the probed property.
+Perturbed captions are generated with the world's own caption grammar (the grader's copy,
+:func:`eval.reference.data.world.canonical_caption`) from an edited scene row, so true and false
+captions differ only in the probed property.
 """
 
 from __future__ import annotations

@@ -8,31 +8,28 @@ denominators. The model classifies zero-shot from text prompts on classes it nev
 (held-out (colour, shape) compositions; CIFAR-10 in the full profile) and retrieves images from
 text and text from images. Probes measure what it does not understand (relations, binding, count).
 
-Interface an implementation must provide (``--impl`` swaps the ``mmsys`` package):
-    mmsys.text.Tokenizer.train(texts, min_freq) / batch_encode(texts, max_len) -> (ids, pad_mask)
-                         / state_dict() / from_state_dict(state)
-    mmsys.clip.CLIPConfig(image_tower, image_size, ..., vocab_size, context_length, embed_dim, ...)
-    mmsys.clip.CLIP(cfg): encode_image(x (B,3,H,W) in [-1,1]) -> (B,E) unit vectors;
-                          encode_text(ids (B,L), pad_mask (B,L) True=pad) -> (B,E) unit vectors;
-                          scale() -> exp(clamped log logit-scale); temperature(); context_length
-    mmsys.clip.clip_loss(image_emb, text_emb, scale, mask=None) -> (loss, metrics)
-    mmsys.clip.gradcache_step (a Trainer step_fn), PairedCaptions, encode_images, encode_texts,
-                          build_model(model_config)
-    mmsys.train.Trainer / TrainConfig, mmsys.checkpoint.load_checkpoint,
-    mmsys.data.world (make_split, composition_classes, composition_label, canonical_caption),
-    mmsys.data.coco.load_coco_captions, mmsys.data.cifar.load_cifar10
+What the implementation must provide: the m2 section of :mod:`milestones.adapters` (the report's
+Interface section is generated from it).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from eval.clip_figures import figure_set
+from eval.probes import run_probes
+from eval.reference.data.world import (RGB, WorldConfig, canonical_caption, composition_classes,
+                                       composition_label, make_split, scene_row)
+from eval.retrieval import image_to_image_topk, image_to_text_recall, text_to_image_recall, zero_shot_topk
+from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
+from milestones.common import DataMissingError, batched, data_root, eval_weights, read_checkpoint, train_config
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -79,19 +76,68 @@ RECIPES = {
                      warmup_steps=1000, bf16=True, max_minutes=None),
 }
 
+# --smoke: the same run path with a few GradCache steps (proves the path, not quality). The full
+# one reads a small COCO copy (the shared coco-mini, 80 train / 159 val images) and CIFAR-10.
+SMOKE_RECIPES = {
+    "quick": replace(RECIPES["quick"], n_train=2000, n_test=200, n_heldout=100, steps=6, batch_size=32,
+                     grad_accum=2, warmup_steps=2),
+    "full": replace(RECIPES["quick"], data="coco", n_train=None, n_test=None, n_heldout=None, steps=6,
+                    batch_size=32, grad_accum=2, warmup_steps=2),
+}
+
+
+# ------------------------------------------------------------------ embedding through the seam
+@contextmanager
+def _eval_mode(model):
+    """Evaluate ``model`` in eval mode, restoring its train/eval state afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def embed_images(model, images: torch.Tensor, impl: Implementation = CANDIDATE) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> (N, E) unit vectors on the CPU: pixels converted by the grader, 500
+    images per batch on the model's device, in eval mode."""
+    dev = next(model.parameters()).device
+    with _eval_mode(model):
+        return batched(lambda x: impl.clip_encode_images(model, x.to(dev)).cpu(), images)
+
+
+@torch.no_grad()
+def embed_texts(model, tok, texts: list[str], impl: Implementation = CANDIDATE,
+                batch_size: int = 1000) -> torch.Tensor:
+    """T strings -> (T, E) unit vectors on the CPU: ``batch_size`` texts at a time, each batch
+    tokenised to its longest text (at most the model's context length), in eval mode."""
+    dev, length = next(model.parameters()).device, impl.clip_context_length(model)
+    out = []
+    with _eval_mode(model):
+        for i in range(0, len(texts), batch_size):
+            ids, pad = impl.clip_tokenize(tok, texts[i:i + batch_size], length)
+            out.append(impl.clip_encode_texts(model, ids.to(dev), pad.to(dev)).cpu())
+    return torch.cat(out)
+
+
+def temperature_stats(model, impl: Implementation = CANDIDATE) -> dict[str, float]:
+    """{"temperature": T, "logit_scale": 1 / T} of a CLIP, as reported."""
+    scale = float(impl.clip_logit_scale(model).detach())
+    return {"temperature": 1.0 / scale, "logit_scale": scale}
+
 
 # ------------------------------------------------------------------ training
 def world_image_keys(scenes: dict[str, torch.Tensor]) -> torch.Tensor:
     """(N,) id of each scene's canonical caption: equal ids = scenes that mean the same thing."""
-    from mmsys.data.world import canonical_caption, scene_row
     index: dict[str, int] = {}
     return torch.tensor([index.setdefault(canonical_caption(scene_row(scenes, i)), len(index))
                          for i in range(len(scenes["shape"]))])
 
 
 def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progress: bool = True,
-               device: str = "cpu", on_init=None, extra: dict | None = None, impl=None):
-    """Learn a tokenizer from ``train_split``'s captions and train a CLIP with the shared engine.
+               device: str = "cpu", on_init=None, extra: dict | None = None, *,
+               impl: Implementation = CANDIDATE):
+    """Learn a tokenizer from ``train_split``'s captions and train ``impl``'s CLIP with its engine.
 
     Args:
         recipe: model dict and optimisation recipe.
@@ -100,23 +146,17 @@ def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progr
         on_init: optional ``fn(model, tokenizer)`` called before the first step (e.g. to embed
             a few items for the before/after figure).
         extra: more plain data for the checkpoint's ``extra`` (e.g. where the retrieval index lives).
+        impl: the implementation trained (m5 trains its judge with ``REFERENCE``, the grader's own).
     Returns:
         (model in eval mode, tokenizer, trainer summary + temperature and duplicate statistics).
     """
-    from milestones.adapters import CANDIDATE  # (m5 branch: minimal impl= until m2's seam lands)
-    impl = impl or CANDIDATE
-    CLIP, CLIPConfig, PairedCaptions, gradcache_step = (getattr(impl.module("clip"), n) for n in (
-        "CLIP", "CLIPConfig", "PairedCaptions", "gradcache_step"))
-    Tokenizer, (TrainConfig, Trainer) = impl.module("text").Tokenizer, (impl.module("train").TrainConfig,
-                                                                        impl.module("train").Trainer)
-
-    tok = Tokenizer.train([c for cs in train_split.captions for c in cs], min_freq=recipe.min_freq)
+    tok = impl.tokenizer_train([c for cs in train_split.captions for c in cs], min_freq=recipe.min_freq)
     model_config = {**recipe.model, "vocab_size": len(tok)}
     torch.manual_seed(seed)
-    model = CLIP(CLIPConfig(**model_config))
+    model = impl.clip_build(model_config)
     scenes = train_split.meta.get("scenes")
     keys = world_image_keys(scenes) if scenes is not None else None
-    pairs = PairedCaptions(train_split.images, train_split.captions, tok, model.context_length, keys)
+    pairs = impl.clip_pairs(train_split.images, train_split.captions, tok, impl.clip_context_length(model), keys)
     if on_init is not None:
         on_init(model, tok)
 
@@ -126,59 +166,50 @@ def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progr
             batch.pop("image_key"), batch.pop("text_key")
         return batch
 
-    cfg = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                      weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
-                      min_lr_ratio=recipe.min_lr_ratio, grad_accum=recipe.grad_accum, bf16=recipe.bf16,
-                      seed=seed, out_dir=str(out_dir) if out_dir else None, device=device, progress=progress,
-                      log_every=25, max_seconds=recipe.max_minutes * 60 if recipe.max_minutes else None)
-    extra = {"tokenizer": tok.state_dict(), "train_data": train_split.name, **(extra or {})}
-    trainer = Trainer(model, cfg, step_fn=gradcache_step, data_size=len(pairs), get_batch=get_batch,
-                      kind="clip", model_config=model_config, extra=extra)
+    cfg = train_config(recipe, seed=seed, out_dir=out_dir, device=device, progress=progress, log_every=25)
+    extra = {"tokenizer": impl.tokenizer_state(tok), "train_data": train_split.name, **(extra or {})}
+    trainer = impl.trainer(model, cfg, step_fn=impl.clip_train_step, data_size=len(pairs), get_batch=get_batch,
+                           kind="clip", model_config=model_config, extra=extra)
     summary = trainer.fit()
     model = trainer.eval_model().eval()
-    summary.update(temperature=model.temperature(), logit_scale=float(model.scale().detach()),
-                   vocab_size=len(tok), n_unique_image_keys=int(pairs.image_keys.unique().numel()))
+    summary.update(**temperature_stats(model, impl), vocab_size=len(tok),
+                   n_unique_image_keys=int(keys.unique().numel()) if keys is not None else len(pairs))
     return model, tok, summary
 
 
-def load_clip(path, impl=None):
-    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint of kind "clip"."""
-    from milestones.adapters import CANDIDATE  # (m5 branch: minimal impl= until m2's seam lands)
-    impl = impl or CANDIDATE
-    load_checkpoint, build_model = impl.module("checkpoint").load_checkpoint, impl.module("clip").build_model
-    Tokenizer = impl.module("text").Tokenizer
-    ck = load_checkpoint(path, expect_kind="clip")
-    model = build_model(ck["model_config"])
-    model.load_state_dict(ck["ema"]["module"] if ck.get("ema") else ck["model"])
-    return model.eval(), Tokenizer.from_state_dict(ck["extra"]["tokenizer"]), ck
+def load_clip(path, *, impl: Implementation = CANDIDATE):
+    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint of kind "clip": the
+    grader reads the file (EMA weights when kept) and loads it into ``impl``'s CLIP."""
+    ck = read_checkpoint(path, "clip")
+    model = impl.clip_build(ck["model_config"])
+    model.load_state_dict(eval_weights(ck))
+    return model.eval(), impl.tokenizer_load(ck["extra"]["tokenizer"]), ck
 
 
 # ------------------------------------------------------------------ metrics
-def class_embeddings(model, tok, classnames: list[str], templates=TEMPLATES) -> torch.Tensor:
+def class_embeddings(model, tok, classnames: list[str], templates=TEMPLATES,
+                     impl: Implementation = CANDIDATE) -> torch.Tensor:
     """Zero-shot classifier (C, E): per class the normalised mean of its normalised prompt
     embeddings (the CLIP paper's prompt ensemble; one template = a single prompt)."""
-    from mmsys.clip import encode_texts
-    emb = torch.stack([encode_texts(model, tok, [t.format(c) for c in classnames]) for t in templates])
+    emb = torch.stack([embed_texts(model, tok, [t.format(c) for c in classnames], impl) for t in templates])
     return F.normalize(emb.mean(dim=0), dim=-1)
 
 
-def zero_shot(model, tok, image_emb, labels, classnames) -> dict[str, float]:
+def zero_shot(model, tok, image_emb, labels, classnames, impl: Implementation = CANDIDATE) -> dict[str, float]:
     """Top-1/top-5 with the prompt ensemble and with the single prompt ``a photo of a {class}``."""
-    from eval.retrieval import zero_shot_topk
-    ens = zero_shot_topk(image_emb, class_embeddings(model, tok, classnames), labels)
-    one = zero_shot_topk(image_emb, class_embeddings(model, tok, classnames, (SINGLE_PROMPT,)), labels)
+    ens = zero_shot_topk(image_emb, class_embeddings(model, tok, classnames, impl=impl), labels)
+    one = zero_shot_topk(image_emb, class_embeddings(model, tok, classnames, (SINGLE_PROMPT,), impl), labels)
     return {"zeroshot_top1": ens["top1"], "zeroshot_top5": ens["top5"],
             "zeroshot_single_prompt_top1": one["top1"], "zeroshot_single_prompt_top5": one["top5"]}
 
 
-def retrieval(model, tok, split) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
+def retrieval(model, tok, split, impl: Implementation = CANDIDATE
+              ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Text->image and image->text recall@1/5/10 over every caption of ``split``.
     Returns (metrics, image_emb (N, E), text_emb (T, E), text_to_image (T,))."""
-    from eval.retrieval import image_to_text_recall, text_to_image_recall
-    from mmsys.clip import encode_images, encode_texts
     texts = [c for cs in split.captions for c in cs]
     t2i = torch.tensor([i for i, cs in enumerate(split.captions) for _ in cs])
-    img, txt = encode_images(model, split.images), encode_texts(model, tok, texts)
+    img, txt = embed_images(model, split.images, impl), embed_texts(model, tok, texts, impl)
     a, b = text_to_image_recall(txt, img, t2i), image_to_text_recall(img, txt, t2i)
     metrics = {**{f"t2i_{k}": a[k] for k in ("R@1", "R@5", "R@10", "median_rank")},
                **{f"i2t_{k}": b[k] for k in ("R@1", "R@5", "R@10", "median_rank")},
@@ -186,26 +217,23 @@ def retrieval(model, tok, split) -> tuple[dict[str, float], torch.Tensor, torch.
     return metrics, img, txt, t2i
 
 
-def evaluate_world(model, tok, test, heldout) -> tuple[dict, dict]:
+def evaluate_world(model, tok, test, heldout, impl: Implementation = CANDIDATE) -> tuple[dict, dict]:
     """All quick-profile numbers: zero-shot on held-out compositions (scored among all 80),
     retrieval on the test split, image->image P@k (same composition), probes. -> (metrics, info)."""
-    from eval.probes import run_probes
-    from eval.retrieval import image_to_image_topk
-    from mmsys.clip import encode_images, encode_texts
-    from mmsys.data.world import composition_classes, composition_label
     names = [f"{c} {s}" for c, s in composition_classes()]
-    metrics = zero_shot(model, tok, encode_images(model, heldout.images), composition_label(heldout.meta["scenes"]), names)
-    r, img, _, _ = retrieval(model, tok, test)
+    metrics = zero_shot(model, tok, embed_images(model, heldout.images, impl),
+                        composition_label(heldout.meta["scenes"]), names, impl)
+    r, img, _, _ = retrieval(model, tok, test, impl)
     metrics.update(r)
     scenes = test.meta["scenes"]
     single = scenes["n_objects"] == 1
-    seen = zero_shot(model, tok, img[single], composition_label(scenes)[single], names)
+    seen = zero_shot(model, tok, img[single], composition_label(scenes)[single], names, impl)
     metrics.update({f"seen_{k}": v for k, v in seen.items()})
     i2i = image_to_image_topk(img[single], composition_label(scenes)[single])
     metrics.update({f"i2i_{k}": i2i[k] for k in ("P@1", "P@5", "P@10")})
-    probes = run_probes(img, scenes, lambda texts: encode_texts(model, tok, texts))
+    probes = run_probes(img, scenes, lambda texts: embed_texts(model, tok, texts, impl))
     metrics.update({f"probe_{p}": v["rate"] for p, v in probes.items()})
-    metrics.update(temperature=model.temperature(), logit_scale=float(model.scale().detach()))
+    metrics.update(temperature_stats(model, impl))
     info = {"probes": probes, "probe_chance": 0.5,
             "zeroshot_protocol": f"{len(heldout)} held-out single-object images, classes = all {len(names)} "
                                  f"(colour, shape) compositions, prompt ensemble {list(TEMPLATES)}",
@@ -214,80 +242,47 @@ def evaluate_world(model, tok, test, heldout) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------ figures
-def make_figures(model, tok, split, ctx: RunContext, before=None, k: int = 8) -> list[str]:
-    """Similarity heatmap (12 test pairs), retrieval grids (6 text queries and 4 image queries,
-    top-k each), embedding scatter before/after training (when ``before`` embeddings are given)."""
-    from eval.clip_figures import embedding_scatter, retrieval_grid, similarity_heatmap
-    from mmsys.clip import encode_images, encode_texts
-    n = 12
-    caps = [cs[0] for cs in split.captions[:n]]
-    img, txt = encode_images(model, split.images[:n]), encode_texts(model, tok, caps)
-    figs = [similarity_heatmap(img @ txt.T, split.images[:n], caps, ctx.path("similarity_heatmap.png"))]
-    gallery = encode_images(model, split.images)
-    queries = [split.captions[i][0] for i in range(0, 6 * 7, 7)]
-    truth = torch.arange(0, 6 * 7, 7)
-    sims = encode_texts(model, tok, queries) @ gallery.T
-    top = sims.topk(k, dim=1)
-    grade = (top.indices == truth[:, None]).long() * 2
-    title = "text -> image: top-8 of the test split (green = the captioned image)"
-    if "scenes" in split.meta:  # gold: a different image with the same canonical description
-        keys = world_image_keys(split.meta["scenes"])
-        grade = torch.maximum(grade, (keys[top.indices] == keys[truth][:, None]).long())
-        title = title[:-1] + ", gold = same canonical description)"
-    figs.append(retrieval_grid(queries, split.images[top.indices], ctx.path("retrieval_grid.png"),
-                               correct=grade, scores=top.values, title=title))
-    qi = torch.arange(4) * 11  # image -> image: 4 query images, their top-k others
-    sims = gallery[qi] @ gallery.T
-    sims[torch.arange(4), qi] = float("-inf")
-    top = sims.topk(k, dim=1)
-    same = None
-    if "scenes" in split.meta:
-        from mmsys.data.world import composition_label
-        lab = composition_label(split.meta["scenes"])
-        same = lab[top.indices] == lab[qi][:, None]
-    figs.append(retrieval_grid([f"test image {i}" for i in qi.tolist()], split.images[top.indices],
-                               ctx.path("retrieval_grid_image.png"), correct=same, scores=top.values,
-                               query_images=split.images[qi],
-                               title="image -> image: top-8 (green = same colour and shape of object A)"))
-    if before is not None:
-        m = len(before[0])
-        after = (gallery[:m], encode_texts(model, tok, [cs[0] for cs in split.captions[:m]]))
-        colours = None
-        if "scenes" in split.meta:
-            from mmsys.data.world import RGB
-            colours = RGB[split.meta["scenes"]["colour"][:m, 0]] / 255
-        figs.append(embedding_scatter({"before training": before, "after training": after},
-                                      ctx.path("embedding_scatter.png"), colours=colours,
-                                      title="images (o) and captions (x) in the shared space, PCA; colour = object colour"))
+def make_figures(model, tok, split, ctx: RunContext, before=None, impl: Implementation = CANDIDATE) -> list[str]:
+    """The figure set of :func:`eval.clip_figures.figure_set` on ``split`` (world splits add
+    duplicate gold frames, same-composition frames and object colours)."""
+    scenes = split.meta.get("scenes")
+    world = {} if scenes is None else {"keys": world_image_keys(scenes), "labels": composition_label(scenes),
+                                       "colours": RGB[scenes["colour"][:, 0]] / 255}
+    figs = figure_set(split.images, split.captions, lambda x: embed_images(model, x, impl),
+                      lambda texts: embed_texts(model, tok, texts, impl), ctx.path, before=before, **world)
     return [str(f) for f in figs]
 
 
 # ------------------------------------------------------------------ data (full profile)
-def _coco_root(data_root: Path | None) -> Path:
-    from mmsys.data.split import DataMissingError
-    need = ("m2 full profile needs COCO 2017 captions: <data-root>/coco/{train2017,val2017}/ images and "
-            "annotations/captions_{train2017,val2017}.json (from https://cocodataset.org/#download), and "
-            "CIFAR-10 at <data-root>/cifar10 (or add --download for CIFAR-10)")
-    if data_root is None:
-        raise DataMissingError(need + "; no --data-root was given")
-    for c in (data_root / "coco", data_root / "coco2017", data_root):
+COCO_NEEDED = ("m2 full profile needs COCO 2017 captions: <data-root>/coco/{train2017,val2017}/ images and "
+               "annotations/captions_{train2017,val2017}.json (from https://cocodataset.org/#download), and "
+               "CIFAR-10 at <data-root>/cifar10 (or add --download for CIFAR-10)")
+CIFAR_NEEDED = "m2 full profile needs CIFAR-10 for zero-shot: pass --data-root holding cifar10/ (or add --download)"
+
+
+def coco_root(ctx: RunContext) -> Path:
+    """The COCO folder (holding annotations/captions_train2017.json): ``--data-root`` or the
+    shared data's ``coco`` (``coco-mini`` for a smoke run), itself or its coco/, coco2017/."""
+    sub = "coco-mini" if ctx.smoke else "coco"
+    base = data_root(ctx, sub, COCO_NEEDED + "; no --data-root was given")
+    for c in (base / sub, base / "coco2017", base):
         if (c / "annotations" / "captions_train2017.json").is_file():
             return c
-    raise DataMissingError(need + f"; nothing found under {data_root}")
+    raise DataMissingError(COCO_NEEDED + f"; nothing found under {base}")
 
 
 def load_full_data(ctx: RunContext, recipe: M2Recipe, need_train: bool = True):
-    """(coco train2017 or None, coco val2017 (5k), cifar10 test) — all checked before any training."""
-    from mmsys.data.cifar import load_cifar10
-    from mmsys.data.coco import load_coco_captions
-    from mmsys.data.split import DataMissingError
-    root, size = _coco_root(ctx.data_root), recipe.model["image_size"]
+    """(coco train2017 or None, coco val2017 (5k), cifar10 test) from the grader's loaders — all
+    checked before any training. A smoke run takes a small copy's val2017 as it is."""
+    from eval.reference.data.cifar import load_cifar10
+    from eval.reference.data.coco import load_coco_captions
+    root, size = coco_root(ctx), recipe.model["image_size"]
     val = load_coco_captions(root, "val2017", size, limit=recipe.n_test)
-    if recipe.n_test is None and len(val) < 5000:
+    if recipe.n_test is None and len(val) < 5000 and not ctx.smoke:
         raise DataMissingError(f"COCO val2017 at {root} has {len(val)} of the 5,000 images the full-profile "
                                f"gate is measured on; for a small copy such as coco-mini run "
-                               f"`python -m milestones.m2_clip coco-smoke --data-root <folder>` instead")
-    cifar = load_cifar10(ctx.data_root, "test", download=ctx.download)
+                               f"`python grader.py m2 --profile full --smoke --data-root <folder>` instead")
+    cifar = load_cifar10(data_root(ctx, "cifar10", CIFAR_NEEDED), "test", download=ctx.download)
     train = load_coco_captions(root, "train2017", size, limit=recipe.n_train) if need_train else None
     return train, val, cifar
 
@@ -347,37 +342,38 @@ class M2(Milestone):
                    "full": "COCO 2017 captions (train2017 + val2017 images, annotations/captions_*.json) at "
                            "<data-root>/coco and CIFAR-10 at <data-root>/cifar10 (or --download for CIFAR-10)"}
 
+    smoke_recipes = SMOKE_RECIPES
+
     def run(self, ctx: RunContext) -> RunResult:
-        return run_full(ctx) if ctx.profile == "full" else run_quick(ctx)
+        recipe = self.recipe(ctx)
+        return run_full(ctx, recipe) if ctx.profile == "full" else run_quick(ctx, recipe)
 
 
-def _train_or_load(ctx, recipe, train, extra, before_items=None):
+def _train_or_load(ctx, recipe, train, extra, before_items=None, impl: Implementation = CANDIDATE):
     """Train (or load ctx.checkpoint). Returns (model, tok, ckpt path, info, before-embeddings)."""
-    from mmsys.clip import CLIP, CLIPConfig, encode_images, encode_texts
     before = {}
 
     def on_init(model, tok):
         if before_items is not None:
             imgs, caps = before_items
-            before["emb"] = (encode_images(model, imgs), encode_texts(model, tok, caps))
+            before["emb"] = (embed_images(model, imgs, impl), embed_texts(model, tok, caps, impl))
 
     if ctx.checkpoint:
-        model, tok, ck = load_clip(ctx.checkpoint)
+        model, tok, ck = load_clip(ctx.checkpoint, impl=impl)
         model = model.to(ctx.device)
         torch.manual_seed(ctx.seed)  # the "before" panel: a fresh init of the same architecture
-        on_init(CLIP(CLIPConfig(**ck["model_config"])), tok)
+        on_init(impl.clip_build(ck["model_config"]), tok)
         return model, tok, str(ctx.checkpoint), {"loaded_step": ck.get("step")}, before.get("emb")
     t0 = time.perf_counter()
     model, tok, summary = train_clip(recipe, train, ctx.seed, ctx.out_dir, ctx.progress, ctx.device,
-                                     on_init, extra)
+                                     on_init, extra, impl=impl)
     summary["train_call_s"] = time.perf_counter() - t0
     summary["duplicate_pairs_masked_share"] = summary["final_metrics"].get("masked_frac")
     return model, tok, str(ctx.path("checkpoint.pt")), {"training": summary}, before.get("emb")
 
 
-def run_quick(ctx: RunContext) -> RunResult:
-    from mmsys.data.world import WorldConfig, make_split
-    recipe = RECIPES["quick"]
+def run_quick(ctx: RunContext, recipe: M2Recipe) -> RunResult:
+    """Train on the embedded world (or load ``ctx.checkpoint``) and measure everything on it."""
     t0 = time.perf_counter()
     train = None if ctx.checkpoint else make_split("train", recipe.n_train)  # evaluating only: not needed
     test, heldout = make_split("test", recipe.n_test), make_split("heldout", recipe.n_heldout)
@@ -388,72 +384,33 @@ def run_quick(ctx: RunContext) -> RunResult:
         ctx, recipe, train, {"index": index}, (test.images[:300], [cs[0] for cs in test.captions[:300]]))
     t1 = time.perf_counter()
     metrics, more = evaluate_world(model, tok, test, heldout)
-    info.update(more, eval_s=time.perf_counter() - t1, duplicates=DUPLICATES, accumulation=ACCUMULATION,
-                temperature=model.temperature(), logit_scale=float(model.scale().detach()))
-    ctx.log(f"temperature {model.temperature():.4f} (logit scale {float(model.scale().detach()):.1f}); "
+    temp = temperature_stats(model)
+    info.update(more, eval_s=time.perf_counter() - t1, duplicates=DUPLICATES, accumulation=ACCUMULATION, **temp)
+    ctx.log(f"temperature {temp['temperature']:.4f} (logit scale {temp['logit_scale']:.1f}); "
             f"zero-shot top-5 {metrics['zeroshot_top5']:.3f}, t2i R@10 {metrics['t2i_R@10']:.3f}")
     figs = make_figures(model, tok, test, ctx, before)
     return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits],
                      checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": "quick"}, figures=figs)
 
 
-def run_full(ctx: RunContext) -> RunResult:
-    from mmsys.clip import encode_images
-    from mmsys.data.cifar import CIFAR10_CLASSES
-    recipe = RECIPES["full"]
+def run_full(ctx: RunContext, recipe: M2Recipe) -> RunResult:
+    """Train on COCO train2017 (or load ``ctx.checkpoint``); retrieval on val2017, zero-shot on CIFAR-10."""
+    from eval.reference.data.cifar import CIFAR10_CLASSES
     train, val, cifar = load_full_data(ctx, recipe, need_train=not ctx.checkpoint)
     splits = [s for s in (train, val, cifar) if s is not None]
     ctx.log("data: " + ", ".join(f"{s.name} {len(s)}" for s in splits))
-    index = {"dataset": "coco", "split": "val2017", "root": str(_coco_root(ctx.data_root))}
+    index = {"dataset": "coco", "split": "val2017", "root": str(coco_root(ctx))}
     model, tok, ckpt, info, before = _train_or_load(
         ctx, recipe, train, {"index": index}, (val.images[:300], [cs[0] for cs in val.captions[:300]]))
     metrics, _, _, _ = retrieval(model, tok, val)
-    cimg = encode_images(model, resize_uint8(cifar.images, recipe.model["image_size"]))
+    cimg = embed_images(model, resize_uint8(cifar.images, recipe.model["image_size"]))
     metrics.update(zero_shot(model, tok, cimg, cifar.labels, list(CIFAR10_CLASSES)))
-    metrics.update(temperature=model.temperature(), logit_scale=float(model.scale().detach()))
-    info.update(duplicates=DUPLICATES, accumulation=ACCUMULATION, temperature=model.temperature())
+    temp = temperature_stats(model)
+    metrics.update(temp)
+    info.update(duplicates=DUPLICATES, accumulation=ACCUMULATION, temperature=temp["temperature"])
     figs = make_figures(model, tok, val, ctx, before)
     return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits],
                      checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": "full"}, figures=figs)
 
 
-# ------------------------------------------------------------------ COCO path on a small copy
-SMOKE = replace(RECIPES["quick"], data="coco", steps=6, batch_size=32, grad_accum=2, warmup_steps=2,
-                max_minutes=None)
-
-
-def coco_smoke(data_root, out_dir, steps: int = 6, progress: bool = False) -> dict:
-    """Prove the COCO path end to end on a small copy (e.g. coco-mini): load train2017/val2017,
-    train ``steps`` GradCache steps, evaluate retrieval on val, save checkpoint and figures."""
-    import json
-    from mmsys.data.coco import load_coco_captions
-    out_dir = Path(out_dir)
-    ctx = RunContext(profile="quick", out_dir=out_dir, data_root=Path(data_root), progress=progress)
-    recipe, root = replace(SMOKE, steps=steps), _coco_root(Path(data_root))
-    size = recipe.model["image_size"]
-    train, val = load_coco_captions(root, "train2017", size), load_coco_captions(root, "val2017", size)
-    index = {"dataset": "coco", "split": "val2017", "root": str(root)}
-    model, tok, summary = train_clip(recipe, train, 0, out_dir, progress, extra={"index": index})
-    metrics, _, _, _ = retrieval(model, tok, val)
-    report = {"command": f"python -m milestones.m2_clip coco-smoke --data-root {data_root} --out {out_dir}",
-              "datasets": [train.summary(), val.summary()], "training": summary, "metrics": metrics,
-              "temperature": model.temperature(), "checkpoint": str(out_dir / "checkpoint.pt"),
-              "figures": make_figures(model, tok, val, ctx),
-              "note": "a path check, not a quality measurement: 80 training images cannot teach a CLIP"}
-    (out_dir / "coco_smoke.json").write_text(json.dumps(report, indent=2, default=str))
-    return report
-
-
 MILESTONE = M2()
-
-if __name__ == "__main__":
-    import argparse
-    import json
-    p = argparse.ArgumentParser(description="m2 helpers")
-    p.add_argument("command", choices=("coco-smoke",))
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--out", default="runs/m2-coco-smoke")
-    p.add_argument("--steps", type=int, default=6)
-    a = p.parse_args()
-    r = coco_smoke(a.data_root, a.out, a.steps, progress=True)
-    print(json.dumps({"metrics": r["metrics"], "temperature": r["temperature"], "figures": r["figures"]}, indent=2))

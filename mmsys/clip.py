@@ -38,11 +38,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint
+from .text import Tokenizer
 from .transformer import Transformer
 from .vit import ViT, ViTConfig, _init
 
@@ -235,6 +238,10 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tens
 
 # ----------------------------------------------------------------------------- training step
 
+# (image_emb (B, E), text_emb (B, E), scale 0-d, mask (B, B) | None) -> (loss, metrics)
+LossFn = Callable[..., tuple[torch.Tensor, dict]]
+
+
 def batch_mask(batch: dict) -> torch.Tensor | None:
     """The duplicate mask of a batch dict holding ``image_key`` (and optionally ``text_key``)."""
     if "image_key" not in batch:
@@ -270,23 +277,25 @@ def _split(batch: dict, n_micro: int) -> list[dict]:
     return out
 
 
-def full_batch_step(model: CLIP, batch: dict, autocast_ctx=None) -> dict:
-    """One forward/backward over the whole batch (no accumulation). Leaves .grad filled."""
+def full_batch_step(model: CLIP, batch: dict, autocast_ctx=None, loss_fn: LossFn = clip_loss) -> dict:
+    """One forward/backward over the whole batch (no accumulation). Leaves .grad filled.
+    ``loss_fn``: the contrastive loss, :func:`clip_loss` unless a variant is studied."""
     ctx = autocast_ctx() if autocast_ctx is not None else torch.autocast("cpu", enabled=False)
     with ctx:
         img, txt = _embed(model, batch)
     mask, scale = batch_mask(batch), model.scale()
-    loss, m = clip_loss(img, txt, scale, mask)
+    loss, m = loss_fn(img, txt, scale, mask)
     loss.backward()
     return _metrics(loss, m, mask, scale)
 
 
-def gradcache_step(model: CLIP, batch: dict, n_micro: int, autocast_ctx=None) -> dict:
-    """Trainer ``step_fn``: the contrastive loss over the whole batch, computed in ``n_micro``
-    micro-batches with an embedding cache (see the module docstring). With ``n_micro == 1`` it is
-    :func:`full_batch_step`. Leaves in .grad the gradient of the full-batch loss."""
+def gradcache_step(model: CLIP, batch: dict, n_micro: int, autocast_ctx=None, loss_fn: LossFn = clip_loss) -> dict:
+    """Trainer ``step_fn``: the contrastive loss ``loss_fn`` (default :func:`clip_loss`) over the
+    whole batch, computed in ``n_micro`` micro-batches with an embedding cache (see the module
+    docstring). With ``n_micro == 1`` it is :func:`full_batch_step`. Leaves in .grad the gradient
+    of the full-batch loss."""
     if n_micro <= 1:
-        return full_batch_step(model, batch, autocast_ctx)
+        return full_batch_step(model, batch, autocast_ctx, loss_fn)
     ctx = (lambda: autocast_ctx()) if autocast_ctx is not None else (lambda: torch.autocast("cpu", enabled=False))
     micro = _split(batch, n_micro)
     # (1) embed without autograd; remember the RNG state so the re-run draws the same dropout
@@ -302,7 +311,7 @@ def gradcache_step(model: CLIP, batch: dict, n_micro: int, autocast_ctx=None) ->
     txt = torch.cat(txts).requires_grad_(True)
     # (2) full-batch loss on the cache: d loss / d embeddings (and the temperature's own grad)
     mask, scale = batch_mask(batch), model.scale()
-    loss, m = clip_loss(img, txt, scale, mask)
+    loss, m = loss_fn(img, txt, scale, mask)
     loss.backward()
     # (3) re-run each micro-batch with autograd and push the cached gradients through it
     after = torch.get_rng_state()
@@ -387,3 +396,12 @@ def encode_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int = 100
 def build_model(model_config: dict) -> CLIP:
     """Rebuild a CLIP from the plain dict stored in a checkpoint's ``model_config``."""
     return CLIP(CLIPConfig(**model_config))
+
+
+def load_clip(path) -> tuple[CLIP, Tokenizer, dict]:
+    """A "clip" checkpoint file -> (model in eval mode with the EMA weights when the run kept
+    them, its tokenizer, the checkpoint dict). Raises CheckpointError for another kind."""
+    ck = load_checkpoint(path, expect_kind="clip")
+    model = build_model(ck["model_config"])
+    model.load_state_dict(ck["ema"]["module"] if ck.get("ema") else ck["model"])
+    return model.eval(), Tokenizer.from_state_dict(ck["extra"]["tokenizer"]), ck

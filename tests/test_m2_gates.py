@@ -11,11 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-import mmsys.clip
+from eval.reference.data.split import DataMissingError
+from eval.reference.data.world import make_split
 from milestones import m2_clip as m2
-from mmsys.clip import CLIP, CLIPConfig
-from mmsys.data.world import make_split
-from mmsys.text import Tokenizer
+from milestones.adapters import CANDIDATE as impl
 
 pytestmark = pytest.mark.m2
 TINY = replace(m2.RECIPES["quick"], n_train=6000, steps=120, batch_size=128, warmup_steps=10, lr=2e-3,
@@ -23,17 +22,20 @@ TINY = replace(m2.RECIPES["quick"], n_train=6000, steps=120, batch_size=128, war
                model=dict(image_tower="vit", image_size=32, patch_size=8, vision_dim=64, vision_depth=2,
                           vision_heads=2, context_length=32, text_dim=64, text_depth=1, text_heads=2,
                           mlp_ratio=2.0, embed_dim=64))
-REAL_CLIP_LOSS = mmsys.clip.clip_loss
 
 
-def labels_off_diagonal(image_emb, text_emb, scale, mask=None):
-    """Planted bug: image i is trained to match the caption of image i + 1."""
-    return REAL_CLIP_LOSS(image_emb, torch.roll(text_emb, 1, dims=0), scale)
+class LabelsOffDiagonal(type(impl)):
+    """Planted bug in the implementation's loss: image i is trained to match the caption of image i + 1."""
+
+    def clip_loss(self, image_emb, text_emb, scale, mask=None):
+        return super().clip_loss(image_emb, torch.roll(text_emb, 1, dims=0), scale)
 
 
-def temperature_inverted(image_emb, text_emb, scale, mask=None):
-    """Planted bug: logits multiplied by the temperature instead of divided by it."""
-    return REAL_CLIP_LOSS(image_emb, text_emb, 1.0 / scale, mask)
+class TemperatureInverted(type(impl)):
+    """Planted bug in the implementation's loss: logits multiplied by the temperature instead of divided by it."""
+
+    def clip_loss(self, image_emb, text_emb, scale, mask=None):
+        return super().clip_loss(image_emb, text_emb, 1.0 / scale, mask)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,9 @@ def gates(metrics, profile="quick"):
 
 def test_untrained_model_fails_both_gates(data):
     train, test, heldout = data
-    tok = Tokenizer.train([c for cs in train.captions for c in cs])
+    tok = impl.tokenizer_train([c for cs in train.captions for c in cs])
     torch.manual_seed(0)
-    model = CLIP(CLIPConfig(**{**m2.RECIPES["quick"].model, "vocab_size": len(tok)})).eval()
+    model = impl.clip_build({**m2.RECIPES["quick"].model, "vocab_size": len(tok)}).eval()
     metrics, _ = m2.evaluate_world(model, tok, test, heldout)
     assert metrics["zeroshot_top5"] < 0.25 and metrics["t2i_R@10"] < 0.15
     assert not any(gates(metrics).values()) and not any(gates(metrics, "full").values())
@@ -59,12 +61,9 @@ def test_untrained_model_fails_both_gates(data):
 def short_runs(data):
     train, test, heldout = data
     out = {}
-    for name, bug in (("correct", None), ("labels_off_diagonal", labels_off_diagonal),
-                      ("temperature_inverted", temperature_inverted)):
-        with pytest.MonkeyPatch.context() as mp:
-            if bug is not None:
-                mp.setattr(mmsys.clip, "clip_loss", bug)
-            model, tok, _ = m2.train_clip(TINY, train, seed=0, progress=False)
+    for name, trained in (("correct", impl), ("labels_off_diagonal", LabelsOffDiagonal(impl.package)),
+                          ("temperature_inverted", TemperatureInverted(impl.package))):
+        model, tok, _ = m2.train_clip(TINY, train, seed=0, progress=False, impl=trained)
         out[name] = m2.evaluate_world(model, tok, test, heldout)[0]
     return out
 
@@ -87,7 +86,6 @@ def test_gate_direction_and_thresholds_raised():
 
 def test_full_profile_names_missing_data(tmp_path):
     from milestones.base import RunContext
-    from mmsys.data.split import DataMissingError
     with pytest.raises(DataMissingError, match="COCO 2017 captions.*CIFAR-10"):
         m2.MILESTONE.run(RunContext(profile="full", out_dir=tmp_path, data_root=tmp_path / "nowhere"))
     with pytest.raises(DataMissingError, match="no --data-root"):

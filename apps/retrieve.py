@@ -1,8 +1,8 @@
 """Retrieval demo: find images by text (or by image) with a trained CLIP.
 
-    python -m mmsys.retrieve "a red circle on the left" -k 8
-    python -m mmsys.retrieve --image runs/m2/some.png -k 8      # image -> image
-    python -m mmsys.retrieve --image test:17 -k 8               # image 17 of the index as query
+    python -m apps.retrieve "a red circle on the left" -k 8
+    python -m apps.retrieve --image runs/m2/some.png -k 8      # image -> image
+    python -m apps.retrieve --image test:17 -k 8               # image 17 of the index as query
 
 Loads the checkpoint (default ``runs/m2/checkpoint.pt``, written by ``python grader.py m2``),
 builds the embedding index of the gallery the checkpoint names in ``extra["index"]`` (the world's
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, sha256_file
-from .clip import build_model, encode_images, encode_texts
-from .data.split import DataMissingError
-from .text import Tokenizer
+from apps.cli import fail, missing_checkpoint
+from mmsys.checkpoint import CheckpointError, sha256_file
+from mmsys.clip import encode_images, encode_texts, load_clip
+from mmsys.data.split import DataMissingError
 
 DEFAULT_CHECKPOINT = Path("runs/m2/checkpoint.pt")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,32 +35,20 @@ class RetrieveError(Exception):
 
 def find_checkpoint(path: Path | None) -> Path:
     """The given checkpoint, or the grader's default output (relative to cwd, then the repo)."""
-    if path is not None:
-        if not path.is_file():
-            raise RetrieveError(f"no checkpoint at {path}: pass an existing --checkpoint")
-        return path
-    for p in (DEFAULT_CHECKPOINT, REPO_ROOT / DEFAULT_CHECKPOINT):
+    candidates = (path,) if path is not None else (DEFAULT_CHECKPOINT, REPO_ROOT / DEFAULT_CHECKPOINT)
+    for p in candidates:
         if p.is_file():
             return p
-    raise RetrieveError(f"no checkpoint at {DEFAULT_CHECKPOINT}: train one first with `python grader.py m2` "
-                        f"(or pass --checkpoint PATH)")
-
-
-def load(path: Path):
-    """(model in eval mode, tokenizer, checkpoint dict) of a "clip" checkpoint."""
-    ck = load_checkpoint(path, expect_kind="clip")
-    model = build_model(ck["model_config"])
-    model.load_state_dict(ck["ema"]["module"] if ck.get("ema") else ck["model"])
-    return model.eval(), Tokenizer.from_state_dict(ck["extra"]["tokenizer"]), ck
+    raise RetrieveError(missing_checkpoint(candidates[0], "CLIP", "m2"))
 
 
 def gallery(spec: dict, image_size: int, data_root: Path | None):
     """(images uint8 (N, 3, S, S), first caption of each) of the index described by ``spec``."""
     if spec.get("dataset", "world") == "world":
-        from .data.world import WorldConfig, make_split
+        from mmsys.data.world import WorldConfig, make_split
         split = make_split(spec.get("split", "test"), spec.get("n", 2000), WorldConfig(**spec.get("world_config", {})))
     elif spec["dataset"] == "coco":
-        from .data.coco import load_coco_captions
+        from mmsys.data.coco import load_coco_captions
         root = data_root or Path(spec["root"])
         split = load_coco_captions(root, spec.get("split", "val2017"), image_size)
     else:
@@ -88,7 +76,7 @@ def build_or_load_index(model, ck: dict, ckpt_path: Path, data_root: Path | None
 
 def read_image(path: Path, size: int) -> torch.Tensor:
     """An image file -> uint8 (3, size, size) (shorter side resized, center crop)."""
-    from .data.coco import load_image
+    from mmsys.data.coco import load_image
     if not path.is_file():
         raise RetrieveError(f"no image file at {path}")
     return load_image(path, size)
@@ -123,7 +111,7 @@ def save_grid(query: str, query_image, images, scores, captions, out: Path) -> P
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmsys.retrieve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apps.retrieve", description=__doc__.split("\n\n")[0])
     p.add_argument("text", nargs="?", help="text query, e.g. 'a red circle on the left'")
     p.add_argument("-k", type=int, default=8, help="how many images to show (default 8)")
     p.add_argument("--image", help="image query instead of text: an image file, or test:<i> for index image i")
@@ -138,7 +126,7 @@ def main(argv=None) -> int:
         if a.k < 1:
             raise RetrieveError("-k must be at least 1")
         path = find_checkpoint(a.checkpoint)
-        model, tok, ck = load(path)
+        model, tok, ck = load_clip(path)
         index = build_or_load_index(model, ck, path, a.data_root, a.rebuild_index)
         qimg = None
         if a.text is not None:
@@ -158,8 +146,7 @@ def main(argv=None) -> int:
         caps = [index["captions"][i] for i in top.indices.tolist()]
         save_grid(query, qimg, index["images"][top.indices], top.values, caps, out)
     except (RetrieveError, CheckpointError, DataMissingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     print(f"query: {query}")
     for r, (i, s) in enumerate(zip(top.indices.tolist(), top.values.tolist()), 1):
         print(f"{r:3d}. image {i:5d}  cos {s:.3f}  {index['captions'][i]}")
