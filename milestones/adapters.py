@@ -214,42 +214,42 @@ class Implementation:
                                                 label_smoothing)
 
     # ================================================================ m2: CLIP
-    @capability("m2")
+    @capability("m2", "m3", "m5")
     def tokenizer_train(self, texts: list[str], min_freq: int = 1):
         """A word tokenizer learned from ``texts`` (every training caption): the specials
         <pad> <unk> <bos> <eos> first, then every word seen at least ``min_freq`` times; unseen
         words map to <unk>. ``len(tokenizer)`` is its vocabulary size."""
         return self.module("text").Tokenizer.train(texts, min_freq=min_freq)
 
-    @capability("m2")
+    @capability("m2", "m3", "m5")
     def tokenizer_state(self, tokenizer) -> dict:
         """The tokenizer as plain data (strings, lists, numbers), stored in a checkpoint's
         ``extra["tokenizer"]``; :meth:`tokenizer_load` rebuilds it."""
         return tokenizer.state_dict()
 
-    @capability("m2")
+    @capability("m2", "m3", "m5")
     def tokenizer_load(self, state: dict):
         """The tokenizer saved by :meth:`tokenizer_state`."""
         return self.module("text").Tokenizer.from_state_dict(state)
 
-    @capability("m2")
+    @capability("m2", "m3", "m5")
     def tokenizer_special_ids(self, tokenizer) -> dict:
         """``{"pad", "unk", "bos", "eos"}`` -> token id."""
         return {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
 
-    @capability("m2")
+    @capability("m2", "m3", "m5")
     def tokenizer_decode(self, tokenizer, ids) -> str:
         """ids (L,) -> the words up to the first <eos>, specials dropped, joined by spaces."""
         return tokenizer.decode(ids)
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_tokenize(self, tokenizer, texts: list[str], context_length: int):
         """B strings -> (ids (B, L) long, pad_mask (B, L) bool, True = padding): each text
         ``<bos> words <eos>``, right-padded; L = the longest, at most ``context_length``
         (longer texts are truncated and keep their final <eos>)."""
         return tokenizer.batch_encode(texts, context_length)
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_build(self, config: dict):
         """A CLIP from its config dict (``clip.CLIPConfig`` fields: image_tower ("vit" | "cnn"),
         image_size, patch_size, vision_dim, vision_depth, vision_heads, cnn_width, vocab_size,
@@ -259,12 +259,12 @@ class Implementation:
         clip = self.module("clip")
         return clip.CLIP(clip.CLIPConfig(**config))
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_context_length(self, model) -> int:
         """The most tokens the model's text tower takes (L <= this in :meth:`clip_encode_texts`)."""
         return model.context_length
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_pairs(self, images, captions: list[list[str]], tokenizer, context_length: int, image_keys=None):
         """The contrastive batch maker over uint8 images (N, 3, H, W) and their captions (N lists,
         each >= 1). ``image_keys`` (N,) long: equal for images that mean the same thing (None: every
@@ -274,20 +274,20 @@ class Implementation:
         identical (normalised) caption texts."""
         return self.module("clip").PairedCaptions(images, captions, tokenizer, context_length, image_keys)
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_loss(self, image_emb, text_emb, scale, mask=None):
         """Symmetric InfoNCE (CLIP fig. 3): unit vectors (B, E) and (B, E) with row i a matching
         pair, 0-d logit scale, optional (B, B) bool mask of known duplicate pairs (False on the
         diagonal) left out of both softmax denominators -> (0-d loss, {"acc_i2t", "acc_t2i"})."""
         return self.module("clip").clip_loss(image_emb, text_emb, scale, mask)
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_duplicate_mask(self, image_key, text_key=None):
         """Keys (B,) (and optionally text keys (B,)) -> (B, B) bool, True for off-diagonal pairs
         sharing an image key or a text key (the mask :meth:`clip_loss` takes)."""
         return self.module("clip").duplicate_mask(image_key, text_key)
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_train_step(self, model, batch: dict, n_micro: int, autocast_ctx=None) -> dict:
         """The engine's ``step_fn``: :meth:`clip_loss` over the whole batch (a
         :meth:`clip_pairs` batch; duplicate keys masked when present) computed in ``n_micro``
@@ -300,17 +300,17 @@ class Implementation:
         the loss alone."""
         return self.module("clip").gradcache_step(model, batch, n_micro, autocast_ctx, loss_fn=self.clip_loss)
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_encode_images(self, model, images):
         """images (B, 3, H, W) float in [-1, 1] -> (B, E) unit vectors."""
         return model.encode_image(images)
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_encode_texts(self, model, ids, pad_mask):
         """ids (B, L) long, pad_mask (B, L) bool (True = padding) -> (B, E) unit vectors."""
         return model.encode_text(ids, pad_mask)
 
-    @capability("m2")
+    @capability("m2", "m5")
     def clip_logit_scale(self, model):
         """The learned logit scale exp(t) = 1 / temperature (0-d tensor; t is a parameter stored
         as a log, initialised at log(1 / 0.07), the scale clamped at 100)."""
@@ -320,23 +320,6 @@ class Implementation:
 
 
     # ================================================================ m3: captioner
-    @capability("m3")
-    def caption_tokenizer(self, texts, min_freq: int):
-        """A word tokenizer learned from ``texts`` (every training caption): words seen fewer than
-        ``min_freq`` times map to <unk>. Returns a tokenizer object that the caption methods
-        below take; ``len(tok)`` is the vocabulary size (``vocab_size`` of the captioner)."""
-        return self.module("text").Tokenizer.train(texts, min_freq=min_freq)
-
-    @capability("m3")
-    def caption_tokenizer_state(self, tok) -> dict:
-        """The tokenizer as a plain dict (stored in the checkpoint's ``extra["tokenizer"]``)."""
-        return tok.state_dict()
-
-    @capability("m3")
-    def caption_tokenizer_from_state(self, state: dict):
-        """The tokenizer back from :meth:`caption_tokenizer_state`'s dict."""
-        return self.module("text").Tokenizer.from_state_dict(state)
-
     @capability("m3")
     def caption_special_ids(self) -> dict:
         """The captioner's special token ids ``{"pad", "bos", "eos"}``: sequences are

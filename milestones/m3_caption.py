@@ -131,7 +131,7 @@ def train(recipe: M3Recipe, train_split, ctx: RunContext, impl: Implementation =
     """Train a captioner with the implementation's engine (teacher forcing, every caption of every
     image). Returns (model, tokenizer, model config dict, trainer summary). The gate-honesty tests
     pass an ``impl`` with a planted bug (no causal mask in the loss, the image blanked)."""
-    tok = impl.caption_tokenizer((c for caps in train_split.captions for c in caps), min_freq=recipe.min_freq)
+    tok = impl.tokenizer_train((c for caps in train_split.captions for c in caps), min_freq=recipe.min_freq)
     model_config = {"vocab_size": len(tok), **recipe.model}
     ids, count = impl.caption_encode_sets(tok, train_split.captions, model_config["max_len"])
     pair_image, pair_caption = impl.caption_pairs(count)  # one training item per (image, caption)
@@ -149,7 +149,7 @@ def train(recipe: M3Recipe, train_split, ctx: RunContext, impl: Implementation =
 
     trainer = impl.trainer(model, train_config(recipe, ctx, log_every=25), loss_fn=loss_fn,
                            data_size=len(pair_image), get_batch=get_batch, kind="captioner",
-                           model_config=model_config, extra={"tokenizer": impl.caption_tokenizer_state(tok)})
+                           model_config=model_config, extra={"tokenizer": impl.tokenizer_state(tok)})
     summary = trainer.fit()
     return trainer.eval_model().eval(), tok, model_config, summary
 
@@ -162,7 +162,7 @@ def load_trained(path, impl: Implementation = CANDIDATE):
         raise CheckpointError(f"checkpoint {path} has no model_config or no tokenizer state in extra['tokenizer']")
     model = impl.captioner_build(ck["model_config"])
     model.load_state_dict(eval_weights(ck))
-    return model.eval(), impl.caption_tokenizer_from_state(ck["extra"]["tokenizer"]), ck["model_config"]
+    return model.eval(), impl.tokenizer_load(ck["extra"]["tokenizer"]), ck["model_config"]
 
 
 # ------------------------------------------------------------------ decoding and metrics

@@ -162,7 +162,7 @@ def test_beam_max_length():
 
 
 def test_all_captions_used():
-    tok = impl.caption_tokenizer(["a red circle", "a blue square on the left", "two cats"], min_freq=1)
+    tok = impl.tokenizer_train(["a red circle", "a blue square on the left", "two cats"], min_freq=1)
     vocab = impl.caption_vocab(tok)
     caps = [["a red circle", "a blue square", "two cats", "a cat", "a red square"],
             ["a red circle on the left"] * 7, ["two cats"]]
@@ -196,7 +196,7 @@ TWO_CAPTIONS = [["a red circle on the left"], ["two blue squares side by side"]]
 def overfit_two_images(steps: int = 60):
     """A tiny captioner trained ``steps`` AdamW steps on two 16x16 images with one caption each.
     Returns (model, tokenizer, uint8 images (2, 3, 16, 16))."""
-    tok = impl.caption_tokenizer((c for cs in TWO_CAPTIONS for c in cs), min_freq=1)
+    tok = impl.tokenizer_train((c for cs in TWO_CAPTIONS for c in cs), min_freq=1)
     m = tiny(vocab_size=len(tok)).train()
     ids, _ = impl.caption_encode_sets(tok, TWO_CAPTIONS, max_len=16)
     x8 = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)

@@ -72,7 +72,7 @@ def assert_fails(bleu4, cider):
 
 def test_untrained_model_fails(world):
     train_split, test = world
-    tok = impl.caption_tokenizer((c for caps in train_split.captions for c in caps), min_freq=1)
+    tok = impl.tokenizer_train((c for caps in train_split.captions for c in caps), min_freq=1)
     torch.manual_seed(0)
     model = impl.captioner_build({"vocab_size": len(tok), **RECIPE.model}).eval()
     assert_fails(*gate_scores(model, tok, test)[:2])
