@@ -402,18 +402,19 @@ def cifar_judges(recipe: M5Recipe, jclip, jtok, jinfo, train, test, ctx: RunCont
     from milestones import m1_vit as m1
     sub = RunContext(profile="full", seed=ctx.seed, out_dir=ctx.path("judge_classifier"), device=ctx.device,
                      progress=ctx.progress)
-    vit, summary = m1.train(replace(m1.RECIPES["full"], **recipe.class_judge), train, sub)
+    # a judge: trained with the grader's own ViT and engine (REFERENCE), never the candidate's
+    vit, summary = m1.train(replace(m1.RECIPES["full"], **recipe.class_judge), train, sub, impl=REFERENCE)
     vit = vit.eval()
-    acc = m1.evaluate(vit, test)["test_accuracy"]
+    acc = m1.evaluate(vit, test, impl=REFERENCE)["test_accuracy"]
     classes = test.classes
     neg = parse_class(recipe.negative, classes)
 
     def predict(images):
-        return {"class": m1.predict(vit, images).argmax(-1)}
+        return {"class": m1.predict(vit, images, impl=REFERENCE).argmax(-1)}
     try:
         feature = InceptionPool3()
     except FeatureExtractorMissing:
-        feature = FeatureAdapter(lambda x: vit.tokens(x)[0][:, 0], vit.cfg.dim, name="m1-vit-cls")
+        feature = FeatureAdapter(lambda x: REFERENCE.vit_tokens(vit, x)[:, 0], vit.cfg.dim, name="m1-vit-cls")
     info = {"clip_judge": jinfo, "class_judge": {"kind": "m1 ViT", "test_accuracy": acc, "training": summary,
                                                  "checkpoint": str(sub.out_dir / "checkpoint.pt")},
             "negative_concept": f"class == {classes[neg]} (classifier)"}

@@ -68,8 +68,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .diffusion.samplers import guided_model_fn, make_sampler, sample
+from .diffusion.samplers import guided_eps, guided_model_fn, make_sampler, sample
 from .diffusion.schedule import NoiseSchedule
+from .data.split import to_uint8
 from .diffusion.unet import UNet, UNetConfig
 from .text_conditioning import EMPTY_PROMPT, TextConditioner, pooled_features
 
@@ -334,7 +335,7 @@ class TextToImage(nn.Module):
                                     clip_x0))
         self.train(was)
         x = torch.cat(out)
-        return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+        return to_uint8(x).cpu()
 
     def _sample(self, prompts, negs, guidance, sampler, steps, generator, eta, bf16, progress, dev, clip_x0):
         """One batch through the one reverse loop (:func:`mmsys.diffusion.samplers.sample`) with
