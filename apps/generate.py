@@ -15,34 +15,14 @@ Guidance, sampler, steps and eta default to what the checkpoint's recipe recorde
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 
 from apps.cli import fail, missing_checkpoint, would_overwrite
+from eval.image_grid import save_grid
 
 DEFAULT_CHECKPOINT = Path("runs/m5/checkpoint.pt")
-
-
-def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4, pad: int = 2) -> str:
-    """uint8 (N, 3, H, W) -> one PNG grid of ceil(sqrt(N)) columns, each image upscaled ``scale``x."""
-    from PIL import Image
-    n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    x = F.interpolate(images.float(), scale_factor=scale, mode="nearest") if scale > 1 else images.float()
-    H, W = h * scale, w * scale
-    grid = torch.full((3, rows * (H + pad) + pad, cols * (W + pad) + pad), 255.0)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
-    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(they read as <unk>)", file=sys.stderr)
     images = model.sample_images([args.prompt], negative=args.negative, n=args.n, seed=args.seed,
                                  bf16=not args.no_bf16, progress=True, **sampling)
-    path = save_grid(images, args.out, args.scale)
+    path = save_grid(images, args.out, scale=args.scale)
     neg = f', negative "{args.negative}"' if args.negative else ""
     steps = sampling["steps"] if sampling["sampler"] == "ddim" else model.schedule.T
     print(f'{path}: {args.n} samples of "{args.prompt}"{neg}, guidance {sampling["guidance"]:g}, '

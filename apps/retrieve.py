@@ -82,7 +82,7 @@ def read_image(path: Path, size: int) -> torch.Tensor:
     return load_image(path, size)
 
 
-def save_grid(query: str, query_image, images, scores, captions, out: Path) -> Path:
+def save_results_figure(query: str, query_image, images, scores, captions, out: Path) -> Path:
     """Write the query (text or image) and its top-k images with scores and captions as a PNG."""
     import textwrap
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         slug = re.sub(r"[^a-z0-9]+", "_", (a.text or a.image).lower()).strip("_")[:60] or "query"
         out = a.out or path.parent / "retrieve" / f"{slug}.png"
         caps = [index["captions"][i] for i in top.indices.tolist()]
-        save_grid(query, qimg, index["images"][top.indices], top.values, caps, out)
+        save_results_figure(query, qimg, index["images"][top.indices], top.values, caps, out)
     except (RetrieveError, CheckpointError, DataMissingError) as e:
         return fail(str(e))
     print(f"query: {query}")

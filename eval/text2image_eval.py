@@ -195,10 +195,10 @@ def make_figures(samples: dict, prompts: list[str], heldout_prompts, judges: Jud
     ``samples``, ``metrics``, ``info``: what :func:`evaluate` returned for the default scale
     ``guidance``; ``sampler_name`` names the sampler in titles (e.g. "DDIM 25 steps");
     ``negative``/``negative_base``: the negative-prompt test's prompts."""
-    from eval.text2image_figures import guidance_grid, guidance_sweep_plot, negative_prompt_figure, sample_grid
+    from eval.text2image_figures import guidance_grid, guidance_sweep_plot, negative_prompt_figure, prompt_grid
     g, k = guidance, min(24, len(prompts))
     ok = judges.match_table(prompts[:k], judges.predict(samples[g][:k]))["all"]
-    figs = [sample_grid(samples[g][:k], prompts[:k], Path(out_dir) / ("samples.png"), ok=ok,
+    figs = [prompt_grid(samples[g][:k], prompts[:k], Path(out_dir) / ("samples.png"), ok=ok,
                         title=f"guidance s = {g:g}, {sampler_name} "
                               f"(green: the judge sees colour, shape and position right)")]
     scales = sorted(s for s in samples if isinstance(s, float))
@@ -209,7 +209,7 @@ def make_figures(samples: dict, prompts: list[str], heldout_prompts, judges: Jud
     if "heldout" in samples:
         kh = min(16, len(heldout_prompts))
         okh = judges.match_table(heldout_prompts[:kh], judges.predict(samples["heldout"][:kh]))["all"]
-        figs.append(sample_grid(samples["heldout"][:kh], heldout_prompts[:kh], Path(out_dir) / ("heldout_samples.png"),
+        figs.append(prompt_grid(samples["heldout"][:kh], heldout_prompts[:kh], Path(out_dir) / ("heldout_samples.png"),
                                 ok=okh, title="held-out (colour, shape) compositions, never in training"))
     if "negative_on" in samples:
         figs.append(negative_prompt_figure(samples["negative_off"], samples["negative_on"], Path(out_dir) / ("negative_prompt.png"),

@@ -20,7 +20,7 @@ def _show(ax, img: torch.Tensor, title: str | None = None, color: str = "black",
         ax.set_title("\n".join(textwrap.wrap(title, 22)), fontsize=fontsize, color=color)
 
 
-def sample_grid(images: torch.Tensor, prompts: list[str], path: str | Path, title: str = "",
+def prompt_grid(images: torch.Tensor, prompts: list[str], path: str | Path, title: str = "",
                 ok: torch.Tensor | None = None, cols: int = 8) -> str:
     """Generated images with their prompts under each.
 

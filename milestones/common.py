@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from eval.reference.checkpoint import CheckpointError, load_checkpoint
+from eval.reference.checkpoint import CheckpointError, eval_weights, load_checkpoint  # noqa: F401
 from eval.reference.data.paths import sha256_file, shared_data_root  # noqa: F401  (re-exported)
 from eval.reference.data.split import DataMissingError, to_float, to_uint8  # noqa: F401  (re-exported)
 
@@ -60,11 +60,6 @@ def read_checkpoint(path, kind: str) -> dict:
     """The grader reads checkpoint files itself (``weights_only``; kind and format checked):
     ``{"model", "ema", "model_config", "extra", "step", ...}``. Raises CheckpointError (exit 2)."""
     return load_checkpoint(path, expect_kind=kind)
-
-
-def eval_weights(ck: dict) -> dict:
-    """The weights a checkpoint is evaluated with: the EMA copy when it kept one, else the model's."""
-    return ck["ema"]["module"] if ck.get("ema") else ck["model"]
 
 
 @torch.no_grad()

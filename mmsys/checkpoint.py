@@ -38,6 +38,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used. The message says what is wrong and what to do."""
 
 
+def eval_weights(checkpoint: dict) -> dict:
+    """The weights a checkpoint is evaluated and sampled with: the EMA copy when the run kept
+    one (``checkpoint["ema"]["module"]``), else the trained model's state dict."""
+    return checkpoint["ema"]["module"] if checkpoint.get("ema") else checkpoint["model"]
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically.
 

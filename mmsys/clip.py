@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import eval_weights, load_checkpoint
 from .text import Tokenizer
 from .transformer import Transformer
 from .vit import ViT, ViTConfig, _init
@@ -403,5 +403,5 @@ def load_clip(path) -> tuple[CLIP, Tokenizer, dict]:
     them, its tokenizer, the checkpoint dict). Raises CheckpointError for another kind."""
     ck = load_checkpoint(path, expect_kind="clip")
     model = build_model(ck["model_config"])
-    model.load_state_dict(ck["ema"]["module"] if ck.get("ema") else ck["model"])
+    model.load_state_dict(eval_weights(ck))
     return model.eval(), Tokenizer.from_state_dict(ck["extra"]["tokenizer"]), ck

@@ -147,14 +147,6 @@ class TextToImageConfig:
         return d
 
 
-def make_schedule(kind: str, T: int) -> NoiseSchedule:
-    if kind == "linear":
-        return NoiseSchedule.linear(T)
-    if kind == "cosine":
-        return NoiseSchedule.cosine(T)
-    raise ValueError(f"schedule must be 'linear' or 'cosine', got {kind!r}")
-
-
 def attention_kernel(math_attention: bool):
     """Context selecting SDPA's math kernel (or nothing)."""
     if not math_attention:
@@ -208,7 +200,7 @@ class TextToImage(nn.Module):
             nn.init.zeros_(self.layout.weight)
             nn.init.zeros_(self.layout.bias)
         self._pooled = None
-        self.schedule = make_schedule(cfg.schedule, cfg.T)
+        self.schedule = NoiseSchedule.make(cfg.schedule, cfg.T)
         self.register_buffer("empty_ids", torch.tensor(text.tokenizer.encode(EMPTY_PROMPT)), persistent=False)
 
     def n_params(self) -> int:
@@ -423,11 +415,10 @@ def checkpoint_sampling(checkpoint: dict, **overrides) -> dict:
 def load_text2image(path, device: str = "cpu") -> tuple[TextToImage, dict]:
     """(model in eval mode (EMA weights when present), checkpoint dict) from a text-to-image
     checkpoint (kind :data:`CHECKPOINT_KIND`)."""
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import CheckpointError, eval_weights, load_checkpoint
     ck = load_checkpoint(path, expect_kind=CHECKPOINT_KIND)
     try:
-        model = from_checkpoint(ck["model_config"], ck["extra"]["tokenizer"],
-                                ck["ema"]["module"] if ck.get("ema") else ck["model"])
+        model = from_checkpoint(ck["model_config"], ck["extra"]["tokenizer"], eval_weights(ck))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: {type(e).__name__}: {e}") from e
     return model.to(device).eval(), ck

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import eval_weights
 from ..data.split import to_uint8
 from .samplers import make_sampler, sample, sample_generators
 from .schedule import NoiseSchedule
@@ -188,6 +189,6 @@ def load_ddpm(path: str | Path, device: str = "cpu", use_ema: bool = True):
                               f"`python grader.py m4`")
     model = build_model(mc)
     ema = use_ema and bool(ck.get("ema"))
-    model.load_state_dict(ck["ema"]["module"] if ema else ck["model"])
+    model.load_state_dict(eval_weights(ck) if use_ema else ck["model"])
     model = model.to(device).eval().requires_grad_(False)
     return model, NoiseSchedule.make(**mc["schedule"]), {"step": ck.get("step"), "ema": ema, "model_config": mc}
