@@ -31,7 +31,8 @@ def grade_in_parallel(ids: list[str], args: argparse.Namespace) -> dict[str, int
     from grader.run import out_dir_for
 
     rest = child_options(args)
-    env = dict(os.environ)
+    from grader.offline import child_env
+    env = child_env(os.environ)  # each child (and what it starts) keeps the offline guard
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     args.out.mkdir(parents=True, exist_ok=True)
     queue, running, codes = sorted(ids, reverse=True), {}, {}
