@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the checkpoint's recipe)")
     ap.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the checkpoint's recipe")
     ap.add_argument("--eta", type=finite_float(0, 1), default=None,
-                    help="DDIM stochasticity in [0, 1]: 0 deterministic, 1 DDPM-like (default: the checkpoint's recipe)")
+                    help="DDIM stochasticity in [0, 1]: 0 deterministic, 1 DDPM-like (default: the recipe's)")
     ap.add_argument("-n", type=positive_int, default=16, help="number of samples (default 16)")
     ap.add_argument("--seed", type=seed, default=0, help="sample i uses its own stream seeded by (seed, i)")
     ap.add_argument("-o", "--out", default="out.png", help="output PNG (default out.png)")
