@@ -4,20 +4,22 @@ Prints, per image, the beam-search caption and the greedy one. The checkpoint de
 ``runs/m3/checkpoint.pt`` (written by ``python grader.py m3``). Images are read exactly as the
 training data was (:func:`mmsys.images.load_image`: PNG, JPEG, GIF ...; grey and RGBA become RGB;
 shorter side resized bicubic, antialiased, then center-cropped to the model's image size).
+Every option is checked before the model is loaded (:mod:`apps.cli`): a bad one is one ``error:``
+line and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from apps.cli import fail, missing_checkpoint
+from apps.cli import ArgumentParser, fail, finite_float, missing_checkpoint, positive_int
 
 DEFAULT_CHECKPOINT = Path("runs/m3/checkpoint.pt")
 BEAM, ALPHA, MAX_LEN = 3, 0.6, 20  # beam width, GNMT length exponent, most generated tokens
+ALPHA_MAX = 5.0  # GNMT's alpha is used in [0, 1]; past a few it only favours the longest beam
 
 
 def caption_files(paths: list[str | Path], checkpoint: str | Path = DEFAULT_CHECKPOINT,
@@ -36,13 +38,14 @@ def caption_files(paths: list[str | Path], checkpoint: str | Path = DEFAULT_CHEC
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m apps.caption", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m apps.caption", description=__doc__.split("\n")[0])
     ap.add_argument("images", nargs="+", help="image files (PNG, JPEG ...)")
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                     help=f"captioner checkpoint (default {DEFAULT_CHECKPOINT})")
-    ap.add_argument("--beam", type=int, default=BEAM, help=f"beam width (default {BEAM})")
-    ap.add_argument("--alpha", type=float, default=ALPHA, help=f"length normalisation exponent (default {ALPHA})")
-    ap.add_argument("--max-len", type=int, default=MAX_LEN, help=f"most generated tokens (default {MAX_LEN})")
+    ap.add_argument("--beam", type=positive_int, default=BEAM, help=f"beam width (default {BEAM})")
+    ap.add_argument("--alpha", type=finite_float(0, ALPHA_MAX), default=ALPHA,
+                    help=f"length normalisation exponent in [0, {ALPHA_MAX:g}] (default {ALPHA})")
+    ap.add_argument("--max-len", type=positive_int, default=MAX_LEN, help=f"most generated tokens (default {MAX_LEN})")
     args = ap.parse_args(argv)
 
     ckpt = Path(args.checkpoint)

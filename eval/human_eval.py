@@ -8,7 +8,9 @@ sheet of its gate images with :func:`write_sheet` and reads ``human_eval.json`` 
 The folder holds ``sheet.png`` (all images, numbered, prompt under each), ``index.html`` (the
 same as a page), ``images/NNN.png`` and ``template.json`` (prompts, image files and the run's
 identity: checkpoint hash, seed, guidance, sampler). ``human_eval.json`` repeats that identity,
-so a grader run can tell answers about *its* images from stale ones.
+so a grader run can tell answers about *its* images from stale ones. Every annotator's answers
+are kept (one entry each, with annotator id and time); the gate is their mean, reported with each
+one's score and their agreement (:mod:`eval.agreement`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from pathlib import Path
 
 import torch
 
+from eval.reference.data.paths import atomic_write_text
+
+RECORD_FORMAT = "mmsys-human-eval/2"  # {"format", "question", "records": [one entry per recording]}
+GATE_VALUE = "the mean over annotators of each one's share of yes answers"
 QUESTION = "Does the image show the prompt's colour, shape AND position? (size does not matter)"
 YES, NO = {"y", "yes", "1", "true", "t"}, {"n", "no", "0", "false", "f"}
 
@@ -128,21 +134,57 @@ def ask(items: list[dict], folder: Path, stdin=sys.stdin, stdout=sys.stdout, sho
     return answers
 
 
-def record(folder: str | Path, answers: list[bool], out: str | Path | None = None, annotator: str = "") -> dict:
-    """Write the answers for the sheet in ``folder`` to ``out`` (default ``folder/../human_eval.json``)."""
+def record(folder: str | Path, answers: list[bool], out: str | Path | None = None, annotator: str = "",
+           force: bool = False) -> dict:
+    """Add one annotator's answers for the sheet in ``folder`` to the record file ``out`` (default
+    ``folder/../human_eval.json``), keeping every earlier annotator's.
+
+    The file is append-only: ``{"format", "question", "records": [entry, ...]}``, one entry per
+    recording (``annotator``, ``recorded_at``, the sheet's ``meta``, ``answers`` ...). Recording
+    again as an annotator who already answered these very images raises ValueError unless
+    ``force``; with ``force`` the new answers are added and the earlier ones are kept, marked
+    ``superseded_at``. An old single-annotator file becomes the first entry. Written atomically."""
     folder = Path(folder)
     template = json.loads((folder / "template.json").read_text())
     items = template["items"]
     if len(answers) != len(items):
         raise ValueError(f"{len(answers)} answers for {len(items)} images")
-    n_yes = sum(bool(a) for a in answers)
-    result = {"question": template["question"], "meta": template["meta"], "annotator": annotator,
-              "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "n": len(items), "yes": n_yes,
-              "human_prompt_match": n_yes / len(items),
-              "answers": [{"i": it["i"], "prompt": it["prompt"], "answer": bool(a)} for it, a in zip(items, answers)]}
     out = Path(out) if out else folder.parent / "human_eval.json"
-    out.write_text(json.dumps(result, indent=2))
-    return {**result, "path": str(out)}
+    entries = _entries(out) if out.is_file() else []
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    mine = [e for e in _current(entries, template["meta"]) if e.get("annotator", "") == annotator]
+    if mine and not force:
+        raise ValueError(f"annotator {annotator!r} already answered these images in {out} (recorded at "
+                         f"{mine[-1].get('recorded_at', '?')}): pass --force to record a new version (the "
+                         f"earlier one is kept, marked superseded) or --annotator NAME for another person")
+    for e in mine:
+        e["superseded_at"] = now
+    n_yes = sum(bool(a) for a in answers)
+    entry = {"annotator": annotator, "recorded_at": now, "meta": template["meta"], "n": len(items), "yes": n_yes,
+             "human_prompt_match": n_yes / len(items),
+             "answers": [{"i": it["i"], "prompt": it["prompt"], "answer": bool(a)} for it, a in zip(items, answers)]}
+    entries.append(entry)
+    atomic_write_text(out, json.dumps({"format": RECORD_FORMAT, "question": template["question"],
+                                       "records": entries}, indent=2))
+    return {**entry, "path": str(out), "n_annotators": len(_current(entries, template["meta"]))}
+
+
+def _entries(path: Path) -> list[dict]:
+    """The recorded entries of a record file (an old single-annotator file is one entry)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a human-eval record ({type(e).__name__}): move it aside") from None
+    if isinstance(data, dict) and isinstance(data.get("records"), list):
+        return data["records"]
+    if isinstance(data, dict) and isinstance(data.get("answers"), list):
+        return [data]  # the single-annotator format (no "records")
+    raise ValueError(f"{path} is not a human-eval record (no 'records' or 'answers'): move it aside")
+
+
+def _current(entries: list[dict], meta: dict) -> list[dict]:
+    """The entries about the images ``meta`` describes that no later recording superseded."""
+    return [e for e in entries if (e.get("meta") or {}) == meta and not e.get("superseded_at")]
 
 
 def sheet_meta(checkpoint_sha256: str, prompts: list[str], seed: int, guidance: float, sampler: str,
@@ -154,17 +196,43 @@ def sheet_meta(checkpoint_sha256: str, prompts: list[str], seed: int, guidance: 
 
 
 def read_record(path: str | Path, meta: dict) -> dict:
-    """The grader's reading of a recorded answer file: ``{"status": "not recorded"}`` when there
-    is none, ``"stale: ..."`` when its answers are about other images (its ``meta`` differs from
-    ``meta``, the identity of the images graded now), else ``{"status": "recorded", "value":
-    share of yes, "n", "annotator"}``."""
+    """The grader's reading of a record file: ``{"status": "not recorded"}`` when there is none,
+    ``"stale: ..."`` when no answers are about the images graded now (``meta``, their identity),
+    ``"unreadable: ..."`` for a file that is not a record, else ``{"status": "recorded", "value",
+    "n", "n_annotators", "annotators", "agreement"}``.
+
+    ``value`` (the gate) is the MEAN OVER ANNOTATORS of each one's share of yes (:data:`GATE_VALUE`);
+    ``annotators`` lists each one's ``value``, ``yes``, ``n``, ``recorded_at``; ``agreement``
+    (None for one annotator) is :func:`eval.agreement.agreement`: Cohen's kappa for two,
+    Fleiss' kappa for more, and the mean pairwise percent agreement."""
+    from eval.agreement import agreement
     path = Path(path)
     if not path.is_file():
         return {"status": "not recorded"}
-    rec = json.loads(path.read_text())
-    theirs = rec.get("meta") or {}
-    if theirs != meta:
+    try:
+        entries = _entries(path)
+    except ValueError as e:
+        return {"status": f"unreadable: {e}"}
+    current = _current(entries, meta)
+    if not current:
+        theirs = (entries[-1].get("meta") or {}) if entries else {}
         diff = sorted(k for k in set(meta) | set(theirs) if theirs.get(k) != meta.get(k))
         return {"status": f"stale: the answers are about other images (differs in {diff})"}
-    return {"status": "recorded", "value": rec["human_prompt_match"], "n": rec["n"],
-            "annotator": rec.get("annotator", "")}
+    people = [{"annotator": e.get("annotator", ""), "recorded_at": e.get("recorded_at", ""),
+               "value": e["human_prompt_match"], "yes": e["yes"], "n": e["n"]} for e in current]
+    answers = [[a["answer"] for a in sorted(e["answers"], key=lambda a: a["i"])] for e in current]
+    return {"status": "recorded", "value": sum(p["value"] for p in people) / len(people), "n": current[0]["n"],
+            "n_annotators": len(people), "gate_value": GATE_VALUE, "annotators": people,
+            "agreement": agreement(answers) if len(answers) > 1 else None}
+
+
+def describe_record(human: dict) -> str:
+    """One phrase for a log about a :func:`read_record` result: its status, or when recorded the
+    gate value, each annotator's score and their agreement."""
+    if human["status"] != "recorded":
+        return human["status"]
+    people = ", ".join(f"{p['annotator'] or '?'} {p['value']:.2f}" for p in human["annotators"])
+    agr = human.get("agreement")
+    kappa = "" if not agr else (f"; {agr['statistic']} " + ("undefined" if agr["kappa"] is None
+                                                             else f"{agr['kappa']:.2f}"))
+    return f"{human['value']:.2f}, mean of {human['n_annotators']} annotator(s) ({people}{kappa})"

@@ -55,7 +55,9 @@ THRESHOLDS = {
              "human_prompt_match": 0.70},
 }
 HUMAN_GATE = Gate("human_prompt_match", "share of the 100 default-guidance samples a person says show the prompt's "
-                  "colour, shape and position (runs/m5/human_eval.json; evaluated only when recorded)")
+                  "colour, shape and position, averaged over annotators (the mean of each one's share; each "
+                  "one's score and their agreement, Cohen's kappa for two / Fleiss' for more, are in "
+                  "info['human_eval']; runs/m5/human_eval.json; evaluated only when recorded)")
 
 
 # ------------------------------------------------------------------ training recipes
@@ -274,14 +276,17 @@ def load_text2image(path, ctx: RunContext, impl=CANDIDATE):
 
 # ------------------------------------------------------------------ the human gate
 def human_gate(ctx: RunContext, images: torch.Tensor, prompts: list[str], meta: dict) -> dict:
-    """Write the sheet for a person (out_dir/human_eval/) and read out_dir/human_eval.json if a
-    person has answered. The gate counts only answers about exactly these images (same checkpoint,
-    prompts, seed, guidance, sampler, steps); otherwise it is reported as not recorded / stale."""
+    """Write the sheet for a person (out_dir/human_eval/) and read out_dir/human_eval.json if
+    people have answered. The gate counts only answers about exactly these images (same checkpoint,
+    prompts, seed, guidance, sampler, steps); otherwise it is reported as not recorded / stale.
+    Its value is the mean over annotators of each one's share of yes; each annotator's score and
+    their agreement are reported beside it (:func:`eval.human_eval.read_record`)."""
     from eval.human_eval import read_record, write_sheet
     paths = write_sheet(images, prompts, ctx.path("human_eval"), meta)
     answers = ctx.out_dir / "human_eval.json"
     out = {"sheet": paths["sheet"], "html": paths["html"], "answers_file": str(answers),
-           "how": f"python -m apps.human_eval record {ctx.out_dir / 'human_eval'}  (then grade again with "
+           "how": f"python -m apps.human_eval record {ctx.out_dir / 'human_eval'} --annotator NAME  (each person; "
+                  f"then grade again with "
                   f"--checkpoint {ctx.out_dir / 'checkpoint.pt'})"}
     return {**out, **read_record(answers, meta)}
 
@@ -294,7 +299,7 @@ def _threads(n):
 
 def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
     from eval.fid import module_digest
-    from eval.human_eval import sheet_meta
+    from eval.human_eval import describe_record, sheet_meta
     _threads(recipe.threads)
     T, t_start, c_start = {}, time.perf_counter(), time.process_time()
     t0 = time.perf_counter()
@@ -348,7 +353,7 @@ def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
     info["timings_s"] = {**T, **info.get("timings_s", {}), "threads": torch.get_num_threads()}
     ctx.log(f"clip score {metrics['clip_score']:.3f} (real {metrics['clip_score_real']:.3f}, shuffled "
             f"{metrics['clip_score_shuffled']:.3f}); prompt match {metrics['prompt_match']:.2f} at s={sp.guidance:g}, "
-            f"{metrics['prompt_match@1']:.2f} at s=1; human: {human['status']}")
+            f"{metrics['prompt_match@1']:.2f} at s=1; human: {describe_record(human)}")
     datasets = [s.summary() for s in ({cond_split.name: cond_split, judge_split.name: judge_split,
                                        test.name: test}.values())]
     return RunResult(metrics=metrics, info=info, datasets=datasets, checkpoint=ckpt,

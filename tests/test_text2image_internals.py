@@ -182,7 +182,7 @@ def test_generate_cli_and_human_eval(world, tok, tmp_path, capsys):
     ans = tmp_path / "answers.txt"
     ans.write_text("y\nn\nyes\n")
     assert human_eval.main(["record", str(tmp_path / "run/human_eval"), "--answers", str(ans)]) == 0
-    rec = json.loads((tmp_path / "run/human_eval.json").read_text())
+    rec = json.loads((tmp_path / "run/human_eval.json").read_text())["records"][0]  # one entry per annotator
     assert rec["human_prompt_match"] == pytest.approx(2 / 3) and rec["meta"] == meta
     info = m5.human_gate(ctx, imgs, prompts, meta)
     assert info["status"] == "recorded" and info["value"] == pytest.approx(2 / 3)
