@@ -282,7 +282,8 @@ def load_full_data(ctx: RunContext, recipe: M2Recipe, need_train: bool = True):
         raise DataMissingError(f"COCO val2017 at {root} has {len(val)} of the 5,000 images the full-profile "
                                f"gate is measured on; for a small copy such as coco-mini run "
                                f"`python grader.py m2 --profile full --smoke --data-root <folder>` instead")
-    cifar = load_cifar10(data_root(ctx, "cifar10", CIFAR_NEEDED), "test", download=ctx.download)
+    cifar = load_cifar10(data_root(ctx, "cifar10", CIFAR_NEEDED), "test", download=ctx.download,
+                         expect_full=not ctx.smoke)
     train = load_coco_captions(root, "train2017", size, limit=recipe.n_train) if need_train else None
     return train, val, cifar
 

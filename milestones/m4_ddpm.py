@@ -130,8 +130,8 @@ def load_data(recipe: M4Recipe, ctx: RunContext):
     from eval.reference.data.split import DataSplit
     root = data_root(ctx, "cifar10", "m4 full profile needs CIFAR-10: pass --data-root pointing at a "
                      "cifar-10-batches-py folder, a train/test JPEG tree or cifar10-jpg.tar.gz (or add --download)")
-    train = load_cifar10(root, "train", download=ctx.download)
-    test = load_cifar10(root, "test", download=ctx.download)
+    train = load_cifar10(root, "train", download=ctx.download, expect_full=not ctx.smoke)
+    test = load_cifar10(root, "test", download=ctx.download, expect_full=not ctx.smoke)
     n_ref = recipe.n_ref or len(test)
     g = torch.Generator().manual_seed(0)
     ref_idx = torch.randperm(len(test), generator=g)[:n_ref].sort().values

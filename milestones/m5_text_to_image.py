@@ -180,8 +180,9 @@ def load_data(recipe: M5Recipe, ctx: RunContext):
     from eval.reference.data.cifar import load_cifar10
     root = data_root(ctx, "cifar10", "m5 full profile needs CIFAR-10: pass --data-root pointing at a "
                      "cifar-10-batches-py folder, a train/test JPEG tree or cifar10-jpg.tar.gz (or add --download)")
-    train = load_cifar10(root, "train", download=ctx.download, limit=recipe.cifar_limit)
-    test = load_cifar10(root, "test", download=ctx.download, limit=recipe.cifar_limit)
+    full = not ctx.smoke  # checked on the splits on disk, before cifar_limit
+    train = load_cifar10(root, "train", download=ctx.download, limit=recipe.cifar_limit, expect_full=full)
+    test = load_cifar10(root, "test", download=ctx.download, limit=recipe.cifar_limit, expect_full=full)
     for s in (train, test):
         s.captions = cifar_captions(s.labels, s.classes)
     return train, train, slice_split(test, 0, min(recipe.n_real, len(test)), "eval")

@@ -11,7 +11,10 @@ Accepted at ``root`` (checked in this order):
 
 Decoding 60k JPEGs takes seconds, so forms 2 and 3 cache the decoded split as a ``.pt`` file in
 ``cache_dir("cifar10")`` keyed by the source (archive: path+size+mtime; tree: path, file list and
-folder mtimes). Later loads read that file (well under a second) and skip extraction.
+folder mtimes), with a checksum of its contents. Later loads read that file (well under a second)
+and skip extraction; a cache that fails to load or to match its checksum is rebuilt, with a
+warning. An image that cannot be decoded, or differs in size from the rest, is reported by name
+(DataMissingError); ``expect_full=True`` refuses a split that is not the complete official one.
 """
 
 from __future__ import annotations
@@ -21,20 +24,23 @@ import shutil
 import tarfile
 import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .paths import atomic_torch_save, cache_dir, cached_sha256, file_fingerprint, fingerprint
+from .paths import (cache_dir, cached_sha256, file_fingerprint, fingerprint, read_checked_cache,
+                    write_checked_cache)
 from .split import DataMissingError, DataSplit
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-CACHE_VERSION = 1  # bump when the decoded-cache format or decoding changes
+CIFAR10_SIZES = {"train": 50_000, "test": 10_000}  # the official release, 10 equal classes
+CACHE_VERSION = 2  # bump when the decoded-cache format or decoding changes (2: checksummed)
 
 
 def _missing(root: Path, split: str, why: str = "") -> DataMissingError:
@@ -124,21 +130,51 @@ def list_image_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str]
 
 
 def _decode_pil(path: Path) -> torch.Tensor:
-    """One image file -> uint8 ``(3, H, W)`` RGB via PIL."""
-    with Image.open(path) as img:
-        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    """One image file -> uint8 ``(3, H, W)`` RGB via PIL; DataMissingError naming the file when
+    it cannot be read or decoded (truncated, not an image, unreadable)."""
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DataMissingError(f"cannot decode the image {path}: {reason}; replace or remove that "
+                               f"file (or restore the dataset from its original copy)") from e
 
 
 def _decode_jpegs_torchvision(files: list[Path]) -> list[torch.Tensor] | None:
     """Batched libjpeg decode (about 4x faster than PIL here, same pixels); None when this
-    torchvision no longer ships its (deprecated since 0.29) image decoders."""
+    torchvision no longer ships its (deprecated since 0.29) image decoders. When a file of the
+    batch fails, each is decoded alone and the one libjpeg refuses goes to PIL (which decodes it
+    or raises DataMissingError naming it)."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg, read_file
     except ImportError:
         return None
+
+    def one(f: Path) -> torch.Tensor:
+        try:
+            return decode_jpeg(read_file(str(f)), mode=ImageReadMode.RGB)
+        except RuntimeError:  # truncated / not a JPEG / empty / unreadable file
+            return _decode_pil(f)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg([read_file(str(f)) for f in files], mode=ImageReadMode.RGB)
+        try:
+            return decode_jpeg([read_file(str(f)) for f in files], mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return [one(f) for f in files]
+
+
+def _check_same_size(files: list[Path], images: list[torch.Tensor]) -> None:
+    """DataMissingError naming the first file whose size differs from the most common one."""
+    sizes = Counter(tuple(x.shape) for x in images)
+    if len(sizes) > 1:
+        common = sizes.most_common(1)[0][0]
+        odd = next(f for f, x in zip(files, images) if tuple(x.shape) != common)
+        shape = "x".join(map(str, next(x.shape for x in images if tuple(x.shape) != common)[1:]))
+        raise DataMissingError(f"the image {odd} is {shape} pixels but {sizes[common]:,} other "
+                               f"images of the split are {common[1]}x{common[2]}; every image of a "
+                               f"split must be the same size: resize or remove it")
 
 
 def decode_files(files: list[Path], chunk: int = 4096) -> torch.Tensor:
@@ -146,7 +182,8 @@ def decode_files(files: list[Path], chunk: int = 4096) -> torch.Tensor:
 
     JPEGs go through torchvision's batched ``decode_jpeg`` (about 10k CIFAR images per 0.4 s),
     anything else (or JPEGs without torchvision's decoder) through PIL. Grey images are
-    replicated to RGB.
+    replicated to RGB. Raises DataMissingError naming the file for an image that cannot be
+    decoded or whose size differs from the others.
     """
     out = []
     for i in range(0, len(files), chunk):
@@ -155,10 +192,7 @@ def decode_files(files: list[Path], chunk: int = 4096) -> torch.Tensor:
         if all(f.suffix.lower() in (".jpg", ".jpeg") for f in part):
             decoded = _decode_jpegs_torchvision(part)
         out += decoded if decoded is not None else [_decode_pil(f) for f in part]
-    sizes = {tuple(x.shape) for x in out}
-    if len(sizes) > 1:
-        raise ValueError(f"images under {files[0].parent.parent} differ in size: "
-                         f"{sorted(sizes)[:4]}; resize them first")
+    _check_same_size(files, out)
     return torch.stack(out) if out else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
 
 
@@ -193,8 +227,35 @@ def _load_pickle(root: Path, split: str, download: bool) -> tuple[torch.Tensor, 
     return images, list(ds.targets), list(ds.classes)
 
 
+def _full_size_error(split: str, where: Path, found: str) -> DataMissingError:
+    want = CIFAR10_SIZES[split]
+    return DataMissingError(
+        f"CIFAR-10 {split} at {where} has {found}; the full profile is measured on the complete "
+        f"{split} split: {want:,} images, {want // 10:,} in each of 10 classes, 32x32. Point "
+        f"--data-root at the whole dataset (or add --download), or use --smoke for a short proof")
+
+
+def _check_image_size(split: str, where: Path, image_hw: tuple) -> None:
+    if tuple(image_hw) != (32, 32):
+        raise _full_size_error(split, where, f"{image_hw[0]}x{image_hw[1]} images")
+
+
+def check_full_size(split: str, where: Path, labels: torch.Tensor, classes: list,
+                    image_hw: tuple | None = None) -> None:
+    """DataMissingError unless ``labels``/``classes`` (and ``image_hw``, when given) are those of
+    the complete official split: 50,000 train / 10,000 test images, 10 classes of equal size,
+    32x32. The message says what was found and what was expected."""
+    counts = torch.bincount(labels, minlength=len(classes)).tolist() if len(labels) else [0]
+    uneven = len(set(counts)) > 1
+    if len(labels) != CIFAR10_SIZES[split] or len(classes) != len(CIFAR10_CLASSES) or uneven:
+        raise _full_size_error(split, where, f"{len(labels):,} images in {len(classes)} classes"
+                               + (f" ({min(counts):,} to {max(counts):,} per class)" if uneven else ""))
+    if image_hw is not None:
+        _check_image_size(split, where, image_hw)
+
+
 def load_cifar10(root, split: str = "train", download: bool = False, limit: int | None = None,
-                 cache: bool = True) -> DataSplit:
+                 cache: bool = True, expect_full: bool = False) -> DataSplit:
     """Load one CIFAR-10 split (see the module docstring for the accepted forms).
 
     Args:
@@ -203,12 +264,18 @@ def load_cifar10(root, split: str = "train", download: bool = False, limit: int 
         download: fetch the official pickles into ``root`` with torchvision when nothing is found.
         limit: keep only the first ``limit`` images of each class (short runs); decodes only those.
         cache: read/write the decoded-tensor cache (forms 2 and 3).
+        expect_full: refuse (DataMissingError) a split whose size on disk, before ``limit``, is
+            not the official one (:func:`check_full_size`): what graders measure on.
 
     Returns:
         DataSplit "cifar10/<split>": images ``(N, 3, 32, 32)`` uint8, labels ``(N,)`` int64 in
         0..9, classes in the standard order (airplane ... truck). identity has ``source``,
         ``format`` and, for archives, ``tar_sha256``; ``limit_per_class`` when limited.
         meta has ``from_cache`` and ``cache_file``.
+
+    Raises:
+        DataMissingError: nothing found; an image that cannot be decoded or differs in size
+            (the message names the file); with ``expect_full``, a split of the wrong size.
     """
     if split not in ("train", "test"):
         raise ValueError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
@@ -226,11 +293,13 @@ def load_cifar10(root, split: str = "train", download: bool = False, limit: int 
         images, labels, classes = _load_pickle(src, split, download)
         identity["format"] = "torchvision-pickle"
         labels = torch.tensor(labels, dtype=torch.int64)
+        if expect_full:
+            check_full_size(split, src, labels, classes, tuple(images.shape[-2:]))
         if limit is not None:
             idx = first_per_class(labels, limit)
             images, labels = images[idx], labels[idx]
     else:
-        images, labels, classes, meta = _load_decoded(kind, src, split, limit, cache)
+        images, labels, classes, meta = _load_decoded(kind, src, split, limit, cache, expect_full)
         identity["format"] = "imagefolder" if kind == "folder" else "imagefolder-tar.gz"
         if kind == "tar":
             identity["tar_sha256"] = cached_sha256(src)
@@ -241,9 +310,21 @@ def load_cifar10(root, split: str = "train", download: bool = False, limit: int 
     return DataSplit(f"cifar10/{split}", images, labels, classes, identity=identity, meta=meta)
 
 
-def _load_decoded(kind: str, src: Path, split: str, limit: int | None, cache: bool):
-    """Forms 2/3: decoded tensors from the cache, or decode (and cache the full split)."""
-    files = None
+def _decode_checked(files: list[Path], src: Path, extracted: Path | None) -> torch.Tensor:
+    """:func:`decode_files`; for an archive's files the error also says where they came from."""
+    try:
+        return decode_files(files)
+    except DataMissingError as e:
+        if extracted is None:
+            raise
+        raise DataMissingError(f"{e} (extracted from {src} into {extracted}: the archive is damaged, "
+                               f"or delete that folder to extract it again)") from e
+
+
+def _load_decoded(kind: str, src: Path, split: str, limit: int | None, cache: bool, expect_full: bool):
+    """Forms 2/3: decoded tensors from the cache (checksum verified; a corrupt one is rebuilt with
+    a warning), or decode (and cache the full split). The size check runs before decoding."""
+    files, extracted = None, None
     if kind == "tar":
         key = fingerprint("tar", file_fingerprint(src), split, CACHE_VERSION)
     else:
@@ -252,25 +333,30 @@ def _load_decoded(kind: str, src: Path, split: str, limit: int | None, cache: bo
     cache_file = cache_dir("cifar10") / f"{split}-{key}.pt"
     meta = {"from_cache": False, "cache_file": str(cache_file) if cache else None}
 
-    if cache and cache_file.is_file():
-        blob = torch.load(cache_file, weights_only=True)
+    blob = read_checked_cache(cache_file, "decoded CIFAR-10 cache") if cache else None
+    if blob is not None:
         images, labels, classes = blob["images"], blob["labels"], blob["classes"]
         meta["from_cache"] = True
+        if expect_full:
+            check_full_size(split, src, labels, classes, tuple(images.shape[-2:]))
         if limit is not None:
             idx = first_per_class(labels, limit)
             images, labels = images[idx], labels[idx]
         return images, labels, classes, meta
 
     if files is None:
-        split_dir = _split_dir_in(_extract_tar(src), split, src)
-        files, labels, classes = list_image_folder(split_dir)
+        extracted = _extract_tar(src)
+        files, labels, classes = list_image_folder(_split_dir_in(extracted, split, src))
     labels = torch.tensor(labels, dtype=torch.int64)
+    if expect_full:
+        check_full_size(split, src, labels, classes)
     if limit is not None:  # decode only what is kept; too small to be worth caching
         idx = first_per_class(labels, limit)
         files, labels = [files[i] for i in idx.tolist()], labels[idx]
         meta["cache_file"] = None
-        return decode_files(files), labels, classes, meta
-    images = decode_files(files)
-    if cache and len(images):
-        atomic_torch_save({"images": images, "labels": labels, "classes": classes}, cache_file)
+    images = _decode_checked(files, src, extracted)
+    if limit is None and cache and len(images):
+        write_checked_cache({"images": images, "labels": labels, "classes": classes}, cache_file)
+    if expect_full and len(images):  # the counts were checked before decoding
+        _check_image_size(split, src, tuple(images.shape[-2:]))
     return images, labels, classes, meta

@@ -6,13 +6,16 @@ Layout at ``root`` (as unzipped from https://cocodataset.org/#download)::
     root/<split>/<file_name>.jpg
 
 Annotations may name images that are not on disk (e.g. the full val2017 caption file next to a
-subset of its images): those are skipped and counted, never silently dropped.
+subset of its images): those are skipped and counted, never silently dropped. A caption file
+that is truncated or lacks a field, or an image that cannot be decoded, is reported in one line
+naming the file and the entry (DataMissingError).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -28,10 +31,61 @@ def _how_to_get(root: Path, split: str) -> str:
             f"(or pass --data-root / annotations=...).")
 
 
+def _bad(ann_file: Path, what: str) -> DataMissingError:
+    return DataMissingError(f"COCO caption file {ann_file}: {what}; restore it from "
+                            f"annotations_trainval2017.zip (https://cocodataset.org/#download)")
+
+
+def _check_entries(ann_file: Path, dataset) -> None:
+    """DataMissingError naming the first entry of a parsed caption json that lacks what the
+    loader reads: images[k] needs ``id`` and ``file_name``, annotations[k] ``id``, ``image_id``
+    and a string ``caption``."""
+    if not isinstance(dataset, dict):
+        raise _bad(ann_file, f"the top level is a JSON {type(dataset).__name__}, not an object")
+    for section, fields in (("images", ("id", "file_name")), ("annotations", ("id", "image_id", "caption"))):
+        entries = dataset.get(section, [])
+        if not isinstance(entries, list):
+            raise _bad(ann_file, f"'{section}' is a JSON {type(entries).__name__}, not a list")
+        for k, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise _bad(ann_file, f"{section}[{k}] is not an object")
+            missing = [f for f in fields if f not in entry]
+            if missing:
+                ident = f" (id {entry['id']})" if "id" in entry else ""
+                raise _bad(ann_file, f"{section}[{k}]{ident} has no {', '.join(map(repr, missing))}")
+            if section == "annotations" and not isinstance(entry["caption"], str):
+                raise _bad(ann_file, f"{section}[{k}] (id {entry['id']}) has a caption that is not a string")
+
+
 def _read_coco(ann_file: Path):
+    """A pycocotools ``COCO`` index of ``ann_file``, its entries checked first: DataMissingError
+    naming the file (and the entry, or the line and column of a JSON error) when it is
+    unreadable, truncated or lacks a field."""
     from pycocotools.coco import COCO
-    with contextlib.redirect_stdout(io.StringIO()):  # COCO prints "loading annotations..."
-        return COCO(str(ann_file))
+    try:
+        with open(ann_file, "rb") as f:
+            dataset = json.load(f)
+    except json.JSONDecodeError as e:
+        raise _bad(ann_file, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; "
+                   f"truncated?)") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise _bad(ann_file, f"cannot be read ({(str(e).splitlines() or [type(e).__name__])[0]})") from e
+    _check_entries(ann_file, dataset)
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO prints "creating index..."
+        coco.createIndex()
+    return coco
+
+
+def _load_one(path: Path, size: int, image_id, ann_file: Path) -> torch.Tensor:
+    """:func:`load_image`, or DataMissingError naming the file and its entry in ``ann_file``."""
+    try:
+        return load_image(path, size)
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DataMissingError(f"cannot read the COCO image {path} (image id {image_id} in {ann_file}): "
+                               f"{reason}; replace it, or delete it to have it skipped as missing") from e
 
 
 def load_coco_captions(root, split: str = "train2017", image_size: int = 64,
@@ -71,7 +125,7 @@ def load_coco_captions(root, split: str = "train2017", image_size: int = 64,
     images, captions, files = [], [], []
     for i in keep:
         name = coco.imgs[i]["file_name"]
-        images.append(load_image(image_dir / name, image_size))
+        images.append(_load_one(image_dir / name, image_size, i, ann_file))
         anns = sorted(coco.imgToAnns.get(i, []), key=lambda a: a["id"])
         captions.append([a["caption"].strip() for a in anns])
         files.append(name)

@@ -11,6 +11,7 @@ channels so every model sees the same RGB layout as CIFAR and COCO (``size`` res
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,17 @@ def read_idx(path) -> torch.Tensor:
                          f"file has {len(raw) - offset} data bytes")
     arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
     return torch.from_numpy(arr.astype(dtype.newbyteorder("="), copy=True))
+
+
+def _read_checked(path: Path) -> torch.Tensor:
+    """:func:`read_idx`, or DataMissingError naming the file when it is truncated, not an idx
+    file, or not valid gzip."""
+    try:
+        return read_idx(path)
+    except (ValueError, OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        reason = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{path}: ", "")
+        raise DataMissingError(f"the MNIST file {path} is damaged ({reason}); download it again "
+                               f"(torchvision.datasets.MNIST(root, download=True))") from e
 
 
 def _find_file(root: Path, stem: str) -> Path | None:
@@ -89,10 +101,10 @@ def load_mnist(root, split: str = "train", limit: int | None = None,
             f"{root}/MNIST/raw, {root}/raw and {root}. Pass --data-root pointing at a folder "
             f"with MNIST/raw/ (torchvision.datasets.MNIST(root, download=True) creates it, or "
             f"get the idx files from http://yann.lecun.com/exdb/mnist/).")
-    images, labels = read_idx(paths[0]), read_idx(paths[1]).to(torch.int64)
-    if images.ndim != 3 or len(images) != len(labels):
-        raise ValueError(f"MNIST files disagree: images {tuple(images.shape)}, "
-                         f"labels {tuple(labels.shape)}")
+    images, labels = _read_checked(paths[0]), _read_checked(paths[1]).to(torch.int64)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataMissingError(f"MNIST files disagree: {paths[0]} holds {tuple(images.shape)} images, "
+                               f"{paths[1]} {tuple(labels.shape)} labels; download them again")
     if limit is not None:
         idx = first_per_class(labels, limit)
         images, labels = images[idx], labels[idx]

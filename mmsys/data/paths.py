@@ -2,13 +2,17 @@
 
 - :func:`shared_data_root` finds the optional offline data folder (never required).
 - :func:`cache_dir` is where loaders keep extracted archives and decoded tensors.
-- :func:`atomic_torch_save` / :func:`sha256_file` / :func:`fingerprint` support those caches.
+- :func:`atomic_torch_save` / :func:`sha256_file` / :func:`fingerprint` support those caches;
+  :func:`write_checked_cache` / :func:`read_checked_cache` keep a checksum of a cache's contents,
+  so a damaged cache file is noticed (and rebuilt by the caller) instead of failing every run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -84,3 +88,46 @@ def atomic_torch_save(obj, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def content_sha256(blob: dict) -> str:
+    """sha256 over a dict of tensors and JSON-able values (keys sorted; a tensor by its dtype,
+    shape and raw bytes): the checksum :func:`write_checked_cache` stores."""
+    h = hashlib.sha256()
+    for key in sorted(blob):
+        value = blob[key]
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        else:
+            h.update(json.dumps(value, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def write_checked_cache(blob: dict, path: Path) -> None:
+    """Save ``blob`` (tensors and JSON-able values) atomically with its :func:`content_sha256`."""
+    atomic_torch_save({"data": blob, "sha256": content_sha256(blob)}, path)
+
+
+def read_checked_cache(path: Path, what: str) -> dict | None:
+    """The dict :func:`write_checked_cache` saved at ``path``; None when there is none, or when the
+    file cannot be loaded or its contents do not match the stored checksum: then the file is
+    removed and one warning line goes to stderr, and the caller rebuilds the cache."""
+    if not path.is_file():
+        return None
+    why = None
+    try:
+        saved = torch.load(path, weights_only=True)
+        if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
+            why = "not a checked cache file"
+        elif content_sha256(saved["data"]) != saved.get("sha256"):
+            why = "its contents do not match the stored checksum"
+    except Exception as e:  # truncated zip, random bytes, unpickling refused ...
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+    if why is None:
+        return saved["data"]
+    print(f"warning: the {what} {path} is corrupt ({why}); rebuilding it", file=sys.stderr, flush=True)
+    path.unlink(missing_ok=True)
+    return None
