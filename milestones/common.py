@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from eval.reference.checkpoint import CheckpointError, eval_weights, load_checkpoint  # noqa: F401
+from eval.reference.checkpoint import (CheckpointError, check_contents, config_errors, eval_weights,  # noqa: F401
+                                       load_checkpoint, load_into)
 from eval.reference.data.paths import sha256_file, shared_data_root  # noqa: F401  (re-exported)
 from eval.reference.data.split import DataMissingError, to_float, to_uint8  # noqa: F401  (re-exported)
 
@@ -56,10 +57,20 @@ def data_root(ctx, subdir: str, needed: str) -> Path:
     raise DataMissingError(needed)
 
 
+# what each kind of checkpoint must carry in ``extra`` for the grader to use it
+REQUIRED_EXTRA = {"clip": ("tokenizer",), "captioner": ("tokenizer",), "t2i": ("tokenizer",)}
+
+
 def read_checkpoint(path, kind: str) -> dict:
     """The grader reads checkpoint files itself (``weights_only``; kind and format checked):
-    ``{"model", "ema", "model_config", "extra", "step", ...}``. Raises CheckpointError (exit 2)."""
-    return load_checkpoint(path, expect_kind=kind)
+    ``{"model", "ema", "model_config", "extra", "step", ...}``, its contents checked before
+    anything is built (:func:`eval.reference.checkpoint.check_contents`: model_config a dict,
+    the kind's :data:`REQUIRED_EXTRA`, finite weights within the parameter limit). Raises
+    CheckpointError (exit 2), one line naming the file. The model itself is rebuilt with
+    :func:`load_into` (the grader's copy of :func:`mmsys.checkpoint.load_into`)."""
+    ck = load_checkpoint(path, expect_kind=kind)
+    check_contents(path, ck, required_extra=REQUIRED_EXTRA.get(kind, ()))
+    return ck
 
 
 @torch.no_grad()
@@ -70,5 +81,6 @@ def batched(fn, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     return torch.cat([fn(to_float(images[i:i + batch_size])).float() for i in range(0, len(images), batch_size)])
 
 
-__all__ = ["CheckpointError", "DataMissingError", "batched", "data_root", "eval_weights", "read_checkpoint",
+__all__ = ["CheckpointError", "DataMissingError", "REQUIRED_EXTRA", "batched", "config_errors", "data_root",
+           "eval_weights", "load_into", "read_checkpoint",
            "sha256_file", "to_float", "to_uint8", "train_config"]

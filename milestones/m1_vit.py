@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from eval.classification import accuracy, confusion_matrix
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
-from milestones.common import (CheckpointError, batched, data_root, eval_weights, read_checkpoint, to_float,
+from milestones.common import (CheckpointError, batched, data_root, load_into, read_checkpoint, to_float,
                                train_config)
 
 # ------------------------------------------------------------------ thresholds (the one place)
@@ -194,10 +194,7 @@ def check_resume_recipe(recipe: M1Recipe, path) -> None:
 
 def load_model(path, impl: Implementation = CANDIDATE):
     """``impl``'s ViT with a checkpoint's evaluation weights (EMA when present), read by the grader."""
-    ck = read_checkpoint(path, "vit")
-    model = impl.vit_build(ck["model_config"])
-    model.load_state_dict(eval_weights(ck))
-    return model
+    return load_into(path, read_checkpoint(path, "vit"), impl.vit_build)
 
 
 # ------------------------------------------------------------------ metrics

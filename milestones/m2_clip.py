@@ -29,7 +29,8 @@ from eval.reference.data.world import (RGB, WorldConfig, canonical_caption, comp
 from eval.retrieval import image_to_image_topk, image_to_text_recall, text_to_image_recall, zero_shot_topk
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
-from milestones.common import DataMissingError, batched, data_root, eval_weights, read_checkpoint, train_config
+from milestones.common import (DataMissingError, batched, config_errors, data_root, load_into, read_checkpoint,
+                               train_config)
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -181,9 +182,10 @@ def load_clip(path, *, impl: Implementation = CANDIDATE):
     """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint of kind "clip": the
     grader reads the file (EMA weights when kept) and loads it into ``impl``'s CLIP."""
     ck = read_checkpoint(path, "clip")
-    model = impl.clip_build(ck["model_config"])
-    model.load_state_dict(eval_weights(ck))
-    return model.eval(), impl.tokenizer_load(ck["extra"]["tokenizer"]), ck
+    model = load_into(path, ck, impl.clip_build, required_extra=("tokenizer",))
+    with config_errors(path, "extra['tokenizer']"):
+        tok = impl.tokenizer_load(ck["extra"]["tokenizer"])
+    return model.eval(), tok, ck
 
 
 # ------------------------------------------------------------------ metrics

@@ -24,7 +24,8 @@ import torch
 
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
-from milestones.common import CheckpointError, data_root, eval_weights, read_checkpoint, to_float, train_config
+from milestones.common import (config_errors, data_root, load_into, read_checkpoint, to_float,
+                               train_config)
 
 # ------------------------------------------------------------------ thresholds (the one place)
 # quick: raised from the issue's 0.30 / 0.80. On the world, one constant caption for every image
@@ -158,11 +159,10 @@ def load_trained(path, impl: Implementation = CANDIDATE):
     """(model, tokenizer, model config dict) from a captioner checkpoint, read by the grader
     (EMA weights when it kept them). Raises CheckpointError."""
     ck = read_checkpoint(path, "captioner")
-    if "tokenizer" not in (ck.get("extra") or {}) or "model_config" not in ck:
-        raise CheckpointError(f"checkpoint {path} has no model_config or no tokenizer state in extra['tokenizer']")
-    model = impl.captioner_build(ck["model_config"])
-    model.load_state_dict(eval_weights(ck))
-    return model.eval(), impl.tokenizer_load(ck["extra"]["tokenizer"]), ck["model_config"]
+    model = load_into(path, ck, impl.captioner_build, required_extra=("tokenizer",))
+    with config_errors(path, "extra['tokenizer']"):
+        tok = impl.tokenizer_load(ck["extra"]["tokenizer"])
+    return model.eval(), tok, ck["model_config"]
 
 
 # ------------------------------------------------------------------ decoding and metrics

@@ -29,7 +29,8 @@ from torch import nn
 
 from milestones.adapters import CANDIDATE
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
-from milestones.common import CheckpointError, DataMissingError, data_root, eval_weights, read_checkpoint, train_config
+from milestones.common import (CheckpointError, DataMissingError, config_errors, data_root, load_into, read_checkpoint,
+                               train_config)
 
 CHECKPOINT_KIND = "ddpm"  # the kind the m4 trainer writes and the grader reads back
 
@@ -203,11 +204,10 @@ def load_model(path, device: str = "cpu", impl=CANDIDATE):
     if "unet" not in mc or "schedule" not in mc:
         raise CheckpointError(f"checkpoint {path} has no unet/schedule in model_config: train it with "
                               f"`python grader.py m4`")
-    model = impl.ddpm_build(mc)
-    model.load_state_dict(eval_weights(ck))
-    model = model.to(device).eval().requires_grad_(False)
-    return model, impl.ddpm_schedule(mc, device), {"step": ck.get("step"), "ema": bool(ck.get("ema")),
-                                                   "model_config": mc}
+    model = load_into(path, ck, impl.ddpm_build).to(device).eval().requires_grad_(False)
+    with config_errors(path, "model_config['schedule']"):
+        schedule = impl.ddpm_schedule(mc, device)
+    return model, schedule, {"step": ck.get("step"), "ema": bool(ck.get("ema")), "model_config": mc}
 
 
 # ------------------------------------------------------------------ FID features

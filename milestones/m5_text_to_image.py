@@ -44,7 +44,7 @@ from eval.reference.text2image import CHECKPOINT_KIND, SamplingConfig
 from eval.text2image_eval import Judges, evaluate, make_figures, shuffled, world_judges  # noqa: F401 (re-exported)
 from milestones.adapters import CANDIDATE, REFERENCE
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
-from milestones.common import CheckpointError, data_root, eval_weights, read_checkpoint, train_config
+from milestones.common import data_root, eval_weights, load_into, read_checkpoint, train_config
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -269,9 +269,8 @@ def load_text2image(path, ctx: RunContext, impl=CANDIDATE):
     """(model in eval mode on ctx.device, checkpoint dict): the grader reads the file itself and
     the implementation builds the model from its parts. Raises CheckpointError (exit 2)."""
     ck = read_checkpoint(path, CHECKPOINT_KIND)
-    if "tokenizer" not in (ck.get("extra") or {}):
-        raise CheckpointError(f"checkpoint {path} has no extra['tokenizer']: not a text-to-image checkpoint")
-    model = impl.text2image_from_checkpoint(ck["model_config"], ck["extra"]["tokenizer"], eval_weights(ck))
+    model = load_into(path, ck, lambda mc: impl.text2image_from_checkpoint(mc, ck["extra"]["tokenizer"], eval_weights(ck)),
+                      required_extra=("tokenizer",))
     return model.to(ctx.device).eval(), ck
 
 

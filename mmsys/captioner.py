@@ -355,13 +355,11 @@ def load_captioner(path, map_location: str = "cpu"):
     """A trained captioner and its tokenizer from a checkpoint written by the training engine
     (kind "captioner", tokenizer state in ``extra["tokenizer"]``; EMA weights when present).
     Raises :class:`mmsys.checkpoint.CheckpointError` when the file is missing or unusable."""
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import config_errors, load_checkpoint, load_into
     from .text import Tokenizer
     ck = load_checkpoint(path, expect_kind="captioner", required=("model_config", "extra"),
                          map_location=map_location)
-    if "tokenizer" not in (ck["extra"] or {}):
-        raise CheckpointError(f"checkpoint {path} has no tokenizer state in extra['tokenizer']")
-    model = Captioner(CaptionerConfig(**ck["model_config"]))
-    ema = ck.get("ema")
-    model.load_state_dict(ema["module"] if ema else ck["model"])
-    return model.eval(), Tokenizer.from_state_dict(ck["extra"]["tokenizer"])
+    model = load_into(path, ck, lambda mc: Captioner(CaptionerConfig(**mc)), required_extra=("tokenizer",))
+    with config_errors(path, "extra['tokenizer']"):
+        tok = Tokenizer.from_state_dict(ck["extra"]["tokenizer"])
+    return model.eval(), tok

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import eval_weights, load_checkpoint
+from .checkpoint import config_errors, load_checkpoint, load_into
 from .text import Tokenizer
 from .transformer import Transformer
 from .vit import ViT, ViTConfig, _init
@@ -402,6 +402,7 @@ def load_clip(path) -> tuple[CLIP, Tokenizer, dict]:
     """A "clip" checkpoint file -> (model in eval mode with the EMA weights when the run kept
     them, its tokenizer, the checkpoint dict). Raises CheckpointError for another kind."""
     ck = load_checkpoint(path, expect_kind="clip")
-    model = build_model(ck["model_config"])
-    model.load_state_dict(eval_weights(ck))
-    return model.eval(), Tokenizer.from_state_dict(ck["extra"]["tokenizer"]), ck
+    model = load_into(path, ck, build_model, required_extra=("tokenizer",))
+    with config_errors(path, "extra['tokenizer']"):
+        tok = Tokenizer.from_state_dict(ck["extra"]["tokenizer"])
+    return model.eval(), tok, ck

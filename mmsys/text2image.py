@@ -200,7 +200,8 @@ class TextToImage(nn.Module):
             nn.init.zeros_(self.layout.weight)
             nn.init.zeros_(self.layout.bias)
         self._pooled = None
-        self.schedule = NoiseSchedule.make(cfg.schedule, cfg.T)
+        with torch.device("cpu"):  # a plain CPU table, also when the model is sized up on the meta device
+            self.schedule = NoiseSchedule.make(cfg.schedule, cfg.T)
         self.register_buffer("empty_ids", torch.tensor(text.tokenizer.encode(EMPTY_PROMPT)), persistent=False)
 
     def n_params(self) -> int:
@@ -415,10 +416,8 @@ def checkpoint_sampling(checkpoint: dict, **overrides) -> dict:
 def load_text2image(path, device: str = "cpu") -> tuple[TextToImage, dict]:
     """(model in eval mode (EMA weights when present), checkpoint dict) from a text-to-image
     checkpoint (kind :data:`CHECKPOINT_KIND`)."""
-    from .checkpoint import CheckpointError, eval_weights, load_checkpoint
+    from .checkpoint import eval_weights, load_checkpoint, load_into
     ck = load_checkpoint(path, expect_kind=CHECKPOINT_KIND)
-    try:
-        model = from_checkpoint(ck["model_config"], ck["extra"]["tokenizer"], eval_weights(ck))
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path}: {type(e).__name__}: {e}") from e
+    model = load_into(path, ck, lambda mc: from_checkpoint(mc, ck["extra"]["tokenizer"], eval_weights(ck)),
+                      required_extra=("tokenizer",))
     return model.to(device).eval(), ck

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import eval_weights
 from ..data.split import to_uint8
 from .samplers import make_sampler, sample, sample_generators
 from .schedule import NoiseSchedule
@@ -93,7 +92,11 @@ def model_config(unet: UNetConfig | dict, schedule: dict, patch: int = 1, image_
 
 
 def build_model(mc: dict) -> EpsModel:
-    """:class:`EpsModel` from a :func:`model_config` dict (lists back to tuples)."""
+    """:class:`EpsModel` from a :func:`model_config` dict (lists back to tuples). Raises
+    ValueError for keys :func:`model_config` does not write."""
+    unknown = sorted(set(mc) - {"unet", "patch", "image_size", "in_ch", "schedule"})
+    if unknown:
+        raise ValueError(f"unknown model_config keys {unknown}: expected unet, patch, image_size, in_ch, schedule")
     u = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mc["unet"].items()})
     return EpsModel(u, mc.get("patch", 1), mc.get("in_ch", 3), mc.get("image_size", u.image_size))
 
@@ -181,14 +184,14 @@ def load_ddpm(path: str | Path, device: str = "cpu", use_ema: bool = True):
     Raises:
         mmsys.checkpoint.CheckpointError: missing, corrupt or not a DDPM checkpoint.
     """
-    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..checkpoint import CheckpointError, config_errors, load_checkpoint, load_into
     ck = load_checkpoint(path, expect_kind=KIND, required=("model_config",))
     mc = ck["model_config"]
-    if "unet" not in mc or "schedule" not in mc:
+    if not isinstance(mc, dict) or "unet" not in mc or "schedule" not in mc:
         raise CheckpointError(f"checkpoint {path} has no unet/schedule in model_config: train it with "
                               f"`python grader.py m4`")
-    model = build_model(mc)
     ema = use_ema and bool(ck.get("ema"))
-    model.load_state_dict(eval_weights(ck) if use_ema else ck["model"])
-    model = model.to(device).eval().requires_grad_(False)
-    return model, NoiseSchedule.make(**mc["schedule"]), {"step": ck.get("step"), "ema": ema, "model_config": mc}
+    model = load_into(path, ck, build_model, use_ema=use_ema).to(device).eval().requires_grad_(False)
+    with config_errors(path, "model_config['schedule']"):
+        schedule = NoiseSchedule.make(**mc["schedule"])
+    return model, schedule, {"step": ck.get("step"), "ema": ema, "model_config": mc}
