@@ -1,6 +1,7 @@
 """The grader: the table of contents of a grading run. No model or metric code lives here.
 
 - :mod:`grader.cli`      the command line (``python grader.py ...``) and its exit codes
+- :mod:`grader.outdir`   the output folder: writable, an earlier run refused or moved aside (``--force``)
 - :mod:`grader.run`      grade one milestone: shape tests -> train or load -> gates -> report
 - :mod:`grader.parallel` ``all --jobs N``: milestones in child processes
 - :mod:`grader.verify`   ``verify REPORT.json``: re-measure a report's gates from its checkpoint

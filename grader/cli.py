@@ -4,6 +4,7 @@
     python grader.py m2 --profile full  the spec's thresholds on real data (--data-root)
     python grader.py m1 --checkpoint runs/m1/checkpoint.pt   evaluate instead of training
     python grader.py m1 --impl ~/my-impl  grade the mmsys package in ~/my-impl
+    python grader.py m1 --force         runs/m1 holds a run: move it aside (runs/m1.previous-<UTC time>/), grade again
     python grader.py all                every milestone in order
     python grader.py all --jobs 2       every milestone, two at a time (one thread each on a 2-core CPU)
     python grader.py list               what there is
@@ -11,22 +12,55 @@
 
 For each milestone: run its pytest shape tests against the implementation (stop if any fail) ->
 train with its recipe or load --checkpoint -> evaluate every gate -> print a table -> write
-report.json / .md / .xml. Exit codes: 0 all gates pass, 1 a test or gate failed, 2 bad usage,
-missing data or bad checkpoint.
+report.json / .md / .xml. Every option, the --checkpoint file and the output folder are checked
+before any work; a folder that already holds a run is never overwritten (--resume continues it,
+--force moves it aside). Exit codes: 0 all gates pass, 1 a test or gate failed, 2 bad usage,
+missing data or bad checkpoint (nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from grader import EXIT_PASS, EXIT_USAGE, REPO, UsageError
 
 
+SEED_LIMIT = 2 ** 32  # seeds are 0 <= seed < 2**32: every seed derived from it stays in torch's range
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (``grader: error: ...``, exit 2) like every other
+    usage error, instead of the usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see python grader.py --help)")
+
+
+def seed_value(text: str) -> int:
+    """``--seed``: an integer 0 <= seed < 2**32 (the m5 sampler multiplies it by 1,000,003 and
+    the result must still fit ``torch.manual_seed``)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give 0 <= seed < 2**32 ({SEED_LIMIT})")
+    return seed
+
+
+def device_value(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N (whether that device exists is checked by check_usage)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="grader.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _Parser(prog="grader.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("milestone", help="m1..m5, 'all' or 'list' (or 'verify REPORT.json')")
     p.add_argument("--profile", choices=("quick", "full"), default="quick",
                    help="quick: embedded world on a CPU in minutes (default); full: real data, the spec's thresholds")
@@ -35,8 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "not the quality; the report says so")
     p.add_argument("--data-root", type=Path, default=None, help="folder holding the real datasets (full profile)")
     p.add_argument("--out", type=Path, default=REPO / "runs", help="output folder (default: runs/); reports go to OUT/<milestone>/")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--seed", type=seed_value, default=0, help="0 <= seed < 2**32 (default 0)")
+    p.add_argument("--device", type=device_value, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     p.add_argument("--impl", type=Path, default=None,
                    help="grade another implementation: a folder containing an 'mmsys' package (modules it lacks "
@@ -47,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue an interrupted training run from its last checkpoint in OUT/<milestone>/ "
                         "(same recipe and seed, or one that only extends it with a warm restart; resume "
                         "is exact); milestones that support it: m1")
+    p.add_argument("--force", action="store_true",
+                   help="OUT/<milestone> already holds a run: move it aside to OUT/<milestone>.previous-<UTC time>/ "
+                        "and grade again (m5: a person's human_eval answers are copied into the new folder)")
     p.add_argument("--jobs", type=int, default=1,
                    help="with 'all': grade this many milestones at once, each in its own process with "
                         "cores/jobs torch threads and its log in OUT/<milestone>.log (default 1: in turn)")
@@ -70,6 +107,8 @@ def check_usage(args: argparse.Namespace) -> list[str]:
                          f"or 'verify REPORT.json'")
     if args.resume and args.checkpoint:
         raise UsageError("--resume continues a training run; --checkpoint evaluates one without training: use one")
+    if args.resume and args.force:
+        raise UsageError("--resume continues the run in OUT/<milestone>; --force moves it aside and starts again: use one")
     not_resumable = [m for m in ids if not load(m).resumable] if args.resume else []
     if not_resumable:
         raise UsageError(f"--resume: {', '.join(not_resumable)} cannot resume "
@@ -80,15 +119,43 @@ def check_usage(args: argparse.Namespace) -> list[str]:
     no_smoke = [m for m in ids if args.smoke and args.profile not in load(m).smoke_recipes]
     if no_smoke:
         raise UsageError(f"--smoke: {', '.join(no_smoke)} has no smoke recipe for the {args.profile} profile; drop --smoke")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such file (train first with `python grader.py {ids[0]}`)")
-    if args.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA device here; use --device cpu")
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: give a number of processes >= 1")
+    check_device(args.device)
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint, load(ids[0]))
+    from grader.outdir import check_no_earlier_run, check_writable
+    folders = out_folders(ids, args)
+    check_writable(args.out, list(folders.values()))
+    check_no_earlier_run(folders, args.force, args.resume)
     return ids
+
+
+def check_device(device: str) -> None:
+    """UsageError unless ``device`` (cpu, cuda or cuda:N) exists here."""
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device here; use --device cpu")
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+
+
+def check_checkpoint(path: Path, milestone) -> None:
+    """Open ``--checkpoint`` with the grader's reader before anything runs: a missing, empty,
+    truncated or foreign file, or one of another milestone's kind, stops here (exit 2, nothing
+    written) instead of after the shape tests and the judges' training."""
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {path}: no such file (train first with `python grader.py {milestone.id}`)")
+    from milestones.common import read_checkpoint
+    read_checkpoint(path, milestone.checkpoint_kind or None)  # CheckpointError -> exit 2 (is_user_error)
+
+
+def out_folders(ids: list[str], args: argparse.Namespace) -> dict[str, Path]:
+    """{milestone id: its run folder OUT/<mid>[-profile][-smoke]}."""
+    from grader.run import out_dir_for
+    return {mid: out_dir_for(mid, args) for mid in ids}
 
 
 def is_user_error(e: Exception) -> bool:
@@ -118,6 +185,8 @@ def main(argv=None) -> int:
                 print(f"{mid}  {m.title}\n    quick: {m.thresholds.get('quick')}\n    full:  {m.thresholds.get('full')}")
             return EXIT_PASS
         ids = check_usage(args)
+        from grader.outdir import prepare
+        prepare(out_folders(ids, args), args.force, args.checkpoint)  # --force: earlier runs moved aside
         if args.jobs > 1 and len(ids) > 1:
             from grader.parallel import grade_in_parallel
             codes = grade_in_parallel(ids, args)

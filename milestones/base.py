@@ -109,6 +109,7 @@ class Milestone:
     recipes: dict[str, Any] = {}
     data_needed: dict[str, str] = {}  # profile -> what data it needs and where to get it
     resumable: bool = False  # True: run() honours ctx.resume (training checkpoints and resumes exactly)
+    checkpoint_kind: str = ""  # the ``kind`` of the checkpoint run() writes and ``--checkpoint`` must have
 
     smoke_recipes: dict[str, Any] = {}  # profile -> the recipe ``--smoke`` runs instead
 

@@ -224,6 +224,7 @@ def train_accuracy(model, train_split, n: int = 10_000, impl: Implementation = C
 # ------------------------------------------------------------------ the milestone
 class M1(Milestone):
     id = "m1"
+    checkpoint_kind = "vit"  # what --checkpoint must be (read first by grader.cli.check_usage)
     title = "Vision Transformer"
     marker = "m1"
     test_files = ("tests/test_vit.py", "tests/test_m1_gates.py")

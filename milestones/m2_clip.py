@@ -312,6 +312,7 @@ ACCUMULATION = ("GradCache: embed all micro-batches without grad, compute the lo
 
 class M2(Milestone):
     id = "m2"
+    checkpoint_kind = "clip"  # what --checkpoint must be (read first by grader.cli.check_usage)
     title = "CLIP: contrastive image/text embeddings"
     marker = "m2"
     test_files = ("tests/test_clip.py", "tests/test_m2_gates.py")

@@ -215,6 +215,7 @@ def evaluate(model, tok, images: torch.Tensor, references: list[list[str]], *, b
 # ------------------------------------------------------------------ the milestone
 class M3(Milestone):
     id = "m3"
+    checkpoint_kind = "captioner"  # what --checkpoint must be (read first by grader.cli.check_usage)
     title = "Image captioning with cross-attention"
     marker = "m3"
     test_files = ("tests/test_captioner.py", "tests/test_m3_gates.py")

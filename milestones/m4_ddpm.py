@@ -371,6 +371,7 @@ def make_figures(model, schedule, recipe, ddim, ddpm, ref, fids, ctx, impl=CANDI
 # ------------------------------------------------------------------ the milestone
 class M4(Milestone):
     id = "m4"
+    checkpoint_kind = CHECKPOINT_KIND  # what --checkpoint must be (read first by grader.cli.check_usage)
     title = "DDPM and DDIM image generation"
     marker = "m4"
     test_files = ("tests/test_diffusion.py", "tests/test_m4.py", "tests/test_m4_gates.py")

@@ -430,6 +430,7 @@ def cifar_judges(recipe: M5Recipe, jclip, jtok, jinfo, train, test, ctx: RunCont
 # ------------------------------------------------------------------ the milestone
 class M5(Milestone):
     id = "m5"
+    checkpoint_kind = CHECKPOINT_KIND  # what --checkpoint must be (read first by grader.cli.check_usage)
     title = "Text-to-image diffusion with classifier-free guidance"
     marker = "m5"
     test_files = ("tests/test_text2image.py", "tests/test_m5_gates.py")

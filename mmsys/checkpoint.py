@@ -104,6 +104,21 @@ def _check_plain(x, where: str) -> None:
                          f"dataclasses.asdict, numpy values via float()/torch.from_numpy)")
 
 
+def _not_torch_file(path: Path) -> str | None:
+    """Why ``path``'s first bytes rule out a ``torch.save`` file (a zip archive, or a pickle in
+    torch's legacy format), or None when they could be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not head:
+        return "is empty (0 bytes): not a torch checkpoint (an interrupted copy or save?)"
+    if head.startswith(b"PK") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return None  # a zip archive (torch's format) or a pickle, protocol 2..5 (its legacy format)
+    return f"is not a torch checkpoint (it starts with {head!r}: neither a zip archive nor a pickle)"
+
+
 def load_checkpoint(path: str | os.PathLike, expect_kind: str | None = None, *,
                     required: tuple[str, ...] = (), map_location: str | torch.device = "cpu") -> dict:
     """Load and validate a checkpoint written by :func:`save_checkpoint`.
@@ -122,6 +137,9 @@ def load_checkpoint(path: str | os.PathLike, expect_kind: str | None = None, *,
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: train first (it is written to "
                               f"<out_dir>/checkpoint.pt) or pass the right path")
+    foreign = _not_torch_file(path)
+    if foreign:
+        raise CheckpointError(f"checkpoint {path} {foreign}: pass the checkpoint.pt a training run wrote")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises KeyError, RuntimeError, EOFError ... on junk bytes
