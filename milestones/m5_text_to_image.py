@@ -286,8 +286,8 @@ def human_gate(ctx: RunContext, images: torch.Tensor, prompts: list[str], meta: 
     answers = ctx.out_dir / "human_eval.json"
     out = {"sheet": paths["sheet"], "html": paths["html"], "answers_file": str(answers),
            "how": f"python -m apps.human_eval record {ctx.out_dir / 'human_eval'} --annotator NAME  (each person; "
-                  f"then grade again with "
-                  f"--checkpoint {ctx.out_dir / 'checkpoint.pt'})"}
+                  f"then grade again with --force "
+                  f"--checkpoint {ctx.out_dir / 'checkpoint.pt'}: the answers and the checkpoint are carried over)"}
     return {**out, **read_record(answers, meta)}
 
 
