@@ -79,6 +79,16 @@ def measure(milestone, args: argparse.Namespace, out_dir: Path, checkpoint: Path
     return milestone.run(ctx)  # DataMissingError / CheckpointError propagate to main -> exit 2
 
 
+def training_diverged(e: BaseException) -> dict | None:
+    """What a run that stopped on a non-finite loss or gradient says about it (step, what, likely
+    cause), or None for any other error. By class name, like :func:`grader.cli.is_user_error`:
+    the engine may be an implementation's (``--impl``) whose ``TrainingDiverged`` is its own."""
+    if not any(c.__name__ == "TrainingDiverged" for c in type(e).__mro__):
+        return None
+    return {"message": " ".join(str(e).split()), "step": getattr(e, "step", None),
+            "what": getattr(e, "what", None), "likely_cause": getattr(e, "likely_cause", None)}
+
+
 def grade(mid: str, args: argparse.Namespace, impl: dict) -> int:
     """Grade milestone ``mid`` with the options ``args``; returns the exit code."""
     import torch
@@ -100,10 +110,17 @@ def grade(mid: str, args: argparse.Namespace, impl: dict) -> int:
               "data_needed": milestone.data_needed.get(args.profile)}
     tests = run_shape_tests(milestone, out_dir, args.skip_tests, impl)
     report["tests"] = tests
-    result, error = None, None
+    result, error, diverged = None, None, None
     if tests["passed"] or tests.get("skipped"):
         print(f"== {mid}: {milestone.title} ({args.profile} profile{', smoke' if report['smoke'] else ''})", flush=True)
-        result = measure(milestone, args, out_dir, args.checkpoint)
+        try:
+            result = measure(milestone, args, out_dir, args.checkpoint)
+        except Exception as e:  # training diverged: a failed run (exit 1) with a report, no traceback
+            diverged = training_diverged(e)
+            if diverged is None:
+                raise
+            error = diverged["message"]
+            print(f"grader: error: {error}", file=sys.stderr, flush=True)
     else:
         error = "shape tests failed: gates not evaluated"
     rows = gate_rows(milestone, result, args.profile)
@@ -114,7 +131,8 @@ def grade(mid: str, args: argparse.Namespace, impl: dict) -> int:
                 "trained_here": args.checkpoint is None}
     report.update({
         "status": "pass" if ok else "fail", "error": error, "gates": rows,
-        "metrics": result.metrics if result else {}, "info": result.info if result else {},
+        "metrics": result.metrics if result else {},
+        "info": result.info if result else ({"training_diverged": diverged} if diverged else {}),
         "datasets": result.datasets if result else [], "checkpoint": ckpt,
         "config": result.config if result else {}, "figures": result.figures if result else [],
         "provenance": {"git": git, "command": command_line(), "seed": args.seed, "options": options(args),

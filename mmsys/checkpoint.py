@@ -27,13 +27,14 @@ import contextlib
 import hashlib
 import os
 import pickle
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .tempfiles import make_temp, remove_stale_temps
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("kind", "format_version", "model")
@@ -55,7 +56,9 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     The dict is written to a temporary file in the same directory, flushed and fsync'ed, then
     moved over ``path`` with ``os.replace`` (atomic on POSIX and Windows). If anything fails the
     temporary file is removed and an existing ``path`` is left untouched, so a crash never leaves
-    a partial checkpoint. ``format_version`` is filled in when missing.
+    a partial checkpoint. Temporaries of ``path`` that a killed earlier save left behind are
+    removed first (:func:`mmsys.tempfiles.remove_stale_temps`). ``format_version`` is filled in
+    when missing.
     """
     if not isinstance(payload, dict) or "kind" not in payload:
         raise ValueError("checkpoint payload must be a dict with a 'kind' entry")
@@ -63,7 +66,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     _check_plain(payload, "payload")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = make_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

@@ -83,6 +83,29 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
 
+def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of all ``params``' gradients viewed as one vector (a 0-d tensor, no host
+    sync): exactly what ``clip_grad_norm_`` computes, so clipping may reuse it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if total is not None:
+        return total(grads, 2.0)
+    norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0)
+
+
+def clip_grads(params: list[nn.Parameter], max_norm: float, norm: torch.Tensor) -> torch.Tensor:
+    """Scale ``params``' gradients to global norm at most ``max_norm``, bit for bit as
+    ``clip_grad_norm_`` does, given their :func:`global_grad_norm` ``norm``; returns the norm."""
+    with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+    if with_norm is None:  # older torch: clip_grad_norm_ computes the norm itself again
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    with_norm(params, max_norm, norm)
+    return norm
+
+
 class EMA:
     """Exponential moving average of a model's state: ``e <- decay * e + (1 - decay) * p``.
 

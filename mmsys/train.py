@@ -39,9 +39,11 @@ from tqdm import tqdm
 from .batching import batch_len, get_rng_state, mix_seed, set_rng_state, to_device
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from .distributed import init_distributed
-from .optim import EMA, Autocast, build_optimizer, build_scheduler, lr_factor
+from .divergence import TrainingDiverged, check_weights, diagnose, kept_note, step_is_finite
+from .optim import EMA, Autocast, build_optimizer, build_scheduler, clip_grads, global_grad_norm, lr_factor
+from .tempfiles import remove_stale_temps
 
-# re-exported: the engine's public API lives in these smaller modules
+# re-exported: the engine's public API lives in these smaller modules (TrainingDiverged too)
 from .batching import batch_indices, rank_slice, seed_everything, split_batch  # noqa: E402,F401
 from .distributed import DistInfo, cleanup_distributed, is_main_process  # noqa: E402,F401
 from .optim import lr_at, lr_factor, param_groups  # noqa: E402,F401
@@ -157,6 +159,8 @@ class Trainer:
         self.step = 0
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self.ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
+        if self.ckpt_path is not None and is_main_process():
+            remove_stale_temps(self.ckpt_path)  # left by a save that was killed (mmsys.tempfiles)
         self._last_lr = lr_at(0, cfg)
         # training time spent before this process (restored on resume) and the clock of fit()
         self.time_before = {"wall_s": 0.0, "cpu_s": 0.0, "segments": 0}
@@ -282,8 +286,11 @@ class Trainer:
         if d.world_size > 1:
             self._allreduce_grads()
         params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = global_grad_norm(params).to(self.device)
+        if not step_is_finite(metrics["loss"], norm, d.world_size):  # before the update, every step
+            raise diagnose(step + 1, metrics["loss"], norm, self.model, self.optimizer, batch, cfg, self.ckpt_path)
         if cfg.grad_clip is not None:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).detach()
+            metrics["grad_norm"] = clip_grads(params, cfg.grad_clip, norm).detach()
         self._last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -293,6 +300,11 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return metrics
+
+    def _save_finite(self) -> Path | None:
+        """:meth:`save`, unless a weight is not finite (then TrainingDiverged: nothing is saved)."""
+        check_weights(self.step, self.model, self.ckpt_path)
+        return self.save()
 
     def _allreduce_grads(self) -> None:
         """Average gradients over ranks, one flat all-reduce per dtype; a parameter without a
@@ -347,42 +359,44 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start_step, desc=self.kind, dynamic_ncols=True,
                    disable=not (cfg.progress and main))
         sums, n_win, t_win, record, stopped_early = {}, 0, time.perf_counter(), {}, False
-        while self.step < cfg.steps:
-            metrics = self._train_step(self.step)
-            self.step += 1
-            bar.update(1)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_win += 1
-            time_up = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
-            if cfg.max_seconds is not None and self.dist.world_size > 1:  # ranks stop together
-                flag = torch.tensor([float(time_up)], device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                time_up = bool(flag.item())
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps or time_up:
-                now = time.perf_counter()
-                means = self._reduce_mean({k: float(v) / n_win for k, v in sums.items()})
-                record = {"step": self.step, "loss": means.pop("loss", float("nan")), "lr": self._last_lr,
-                          "items_per_s": n_win * cfg.batch_size / max(now - t_win, 1e-9), **means,
-                          "elapsed_s": now - t0}
-                if not math.isfinite(record["loss"]):
-                    bar.close()
-                    raise FloatingPointError(f"{self.kind}: loss is {record['loss']} at step {self.step}; "
-                                             f"lower lr, check the data, or turn off bf16")
-                if log:
-                    with open(self.out_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                items_s=f"{record['items_per_s']:.0f}")
-                sums, n_win, t_win = {}, 0, now
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                self.save()
-            if time_up and self.step < cfg.steps:
-                stopped_early = True
-                break
-        bar.close()
+        try:  # the bar is closed however the loop ends
+            while self.step < cfg.steps:
+                metrics = self._train_step(self.step)
+                self.step += 1
+                bar.update(1)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_win += 1
+                time_up = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+                if cfg.max_seconds is not None and self.dist.world_size > 1:  # ranks stop together
+                    flag = torch.tensor([float(time_up)], device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    time_up = bool(flag.item())
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or time_up:
+                    now = time.perf_counter()
+                    means = self._reduce_mean({k: float(v) / n_win for k, v in sums.items()})
+                    record = {"step": self.step, "loss": means.pop("loss", float("nan")), "lr": self._last_lr,
+                              "items_per_s": n_win * cfg.batch_size / max(now - t_win, 1e-9), **means,
+                              "elapsed_s": now - t0}
+                    if not math.isfinite(record["loss"]):  # each step's loss was finite: their mean overflowed
+                        raise TrainingDiverged(self.step, f"the mean loss of steps {self.step - n_win + 1}-{self.step}"
+                                               f" ({record['loss']})", "losses too large to average: lower the "
+                                               "learning rate or rescale the loss", kept_note(self.ckpt_path))
+                    if log:
+                        with open(self.out_dir / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    items_s=f"{record['items_per_s']:.0f}")
+                    sums, n_win, t_win = {}, 0, now
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self._save_finite()
+                if time_up and self.step < cfg.steps:
+                    stopped_early = True
+                    break
+        finally:
+            bar.close()
         wall = time.perf_counter() - t0
-        ckpt = self.save() if self.step > start_step else self.ckpt_path
+        ckpt = self._save_finite() if self.step > start_step else self.ckpt_path
         ckpt = ckpt if ckpt is not None and ckpt.exists() else None
         summary = {"kind": self.kind, "steps": self.step, "target_steps": cfg.steps, "start_step": start_step,
                    "wall_s": wall, "items_per_s": (self.step - start_step) * cfg.batch_size / max(wall, 1e-9),

@@ -13,10 +13,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..tempfiles import make_temp, remove_stale_temps
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,16 +72,24 @@ def cached_sha256(path: Path) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to ``path`` via a temp file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write text to ``path`` via a temp file in the same folder and a rename (stale temporaries
+    of ``path`` left by a killed earlier write are removed first: :mod:`mmsys.tempfiles`)."""
+    remove_stale_temps(path)
+    fd, tmp = make_temp(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """torch.save to a temp file in the same folder, then rename: readers never see half a file
+    (stale temporaries of ``path`` left by a killed earlier save are removed first)."""
+    remove_stale_temps(path)
+    fd, tmp = make_temp(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
