@@ -310,10 +310,11 @@ def assert_refused(r, out: Path, before: dict, *parts: str) -> None:
 
 @pytest.fixture
 def out(tmp_path) -> Path:
-    """An output folder that already holds an earlier run's files (they must survive)."""
+    """An output folder that already holds files (they must survive). No run markers (report.json
+    ...): a folder holding an earlier run is refused before any data is read (test_bad_inputs_grader)."""
     out = tmp_path / "runs"
     (out / "m1-full").mkdir(parents=True)
-    (out / "m1-full" / "report.json").write_text('{"status": "pass"}\n')
+    (out / "m1-full" / "keep.txt").write_text("a person's notes\n")
     (out / "notes.txt").write_text("keep me\n")
     return out
 
