@@ -65,9 +65,7 @@ def gate_rows(milestone, result, profile: str) -> list[dict]:
     failed) when nothing was run."""
     if result:
         return milestone.verdicts(result, profile)
-    return [{"gate": g.key, "description": g.description, "value": None, "direction": g.direction,
-             "threshold": milestone.thresholds[profile][g.key], "passed": False,
-             "note": "not measured"} for g in milestone.gates]
+    return [g.row(None, milestone.thresholds[profile][g.key], note="not measured") for g in milestone.gates]
 
 
 def measure(milestone, args: argparse.Namespace, out_dir: Path, checkpoint: Path | None):

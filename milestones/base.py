@@ -41,6 +41,12 @@ class Gate:
             return False
         return value > threshold if self.direction == ">" else value < threshold
 
+    def row(self, value: float | None, threshold: float, **extra) -> dict:
+        """The report's row for this gate: key, description, value, direction, threshold, passed
+        (+ ``extra``, e.g. ``note="not measured"``)."""
+        return {"gate": self.key, "description": self.description, "value": value, "direction": self.direction,
+                "threshold": threshold, "passed": self.passes(value, threshold), **extra}
+
 
 @dataclass(frozen=True)
 class Criterion:
@@ -132,11 +138,4 @@ class Milestone:
 
     def verdicts(self, result: RunResult, profile: str) -> list[dict]:
         """One row per gate: key, description, value, threshold, direction, passed."""
-        rows = []
-        for gate in self.gates:
-            threshold = self.thresholds[profile][gate.key]
-            value = result.metrics.get(gate.key)
-            rows.append({"gate": gate.key, "description": gate.description, "value": value,
-                         "direction": gate.direction, "threshold": threshold,
-                         "passed": gate.passes(value, threshold)})
-        return rows
+        return [gate.row(result.metrics.get(gate.key), self.thresholds[profile][gate.key]) for gate in self.gates]

@@ -480,9 +480,7 @@ class M5(Milestone):
         does not decide pass/fail: the automatic pipeline must not wait for a person)."""
         rows = super().verdicts(result, profile)
         if "human_prompt_match" in result.metrics:
-            th, v = self.thresholds[profile]["human_prompt_match"], result.metrics["human_prompt_match"]
-            rows.append({"gate": HUMAN_GATE.key, "description": HUMAN_GATE.description, "value": v,
-                         "direction": HUMAN_GATE.direction, "threshold": th, "passed": HUMAN_GATE.passes(v, th)})
+            rows.append(HUMAN_GATE.row(result.metrics["human_prompt_match"], self.thresholds[profile][HUMAN_GATE.key]))
         return rows
 
 
