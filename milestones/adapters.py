@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import inspect
 import sys
@@ -43,13 +44,18 @@ class ImplementationError(Exception):
 
 
 class _BundledFallback(importlib.abc.MetaPathFinder):
-    """Last on ``sys.meta_path``: a ``mmsys.<module>`` the implementation lacks is loaded from
-    the bundled folder (still as ``mmsys.<module>``, so its relative imports reach the
-    implementation's modules first)."""
+    """First on ``sys.meta_path`` for ``mmsys.*`` names: the implementation's own module when its
+    folder has it, else the bundled one (still as ``mmsys.<module>``, so its relative imports
+    reach the implementation's modules first). First, so that no other finder — e.g. the one
+    ``pip install -e`` adds, which maps ``mmsys.*`` to wherever the checkout was installed from —
+    can answer for a module the implementation lacks."""
 
     def find_spec(self, fullname, path=None, target=None):
         if not fullname.startswith("mmsys."):
             return None
+        own = importlib.machinery.PathFinder.find_spec(fullname, path)  # in the parent package's folder
+        if own is not None:
+            return own
         rel = Path(*fullname.split(".")[1:])
         for candidate, is_pkg in ((BUNDLED / rel / "__init__.py", True), (BUNDLED / rel.with_suffix(".py"), False)):
             if candidate.is_file():
@@ -93,7 +99,7 @@ def use_implementation(impl: Path | str | None) -> dict:
             raise ImplementationError(f"--impl {impl}: importing its mmsys package failed: "
                                       f"{type(e).__name__}: {e}") from e
     if root != BUNDLED and not any(isinstance(f, _BundledFallback) for f in sys.meta_path):
-        sys.meta_path.append(_BundledFallback())
+        sys.meta_path.insert(0, _BundledFallback())
     _loaded.update(root=root, info={"path": str(root), "bundled": root == BUNDLED})
     return dict(_loaded["info"])
 
