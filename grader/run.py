@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -88,7 +89,30 @@ def training_diverged(e: BaseException) -> dict | None:
 
 
 def grade(mid: str, args: argparse.Namespace, impl: dict) -> int:
-    """Grade milestone ``mid`` with the options ``args``; returns the exit code."""
+    """Grade milestone ``mid`` with the options ``args``; returns the exit code. When the run
+    stops on the user's error (missing data, a bad checkpoint: exit 2), whatever it wrote into
+    its output folder (pytest.xml, logs, the folder itself) is removed again: nothing is written."""
+    from grader.cli import is_user_error
+    out_dir = out_dir_for(mid, args)
+    created = out_dir  # the topmost folder this run creates (None: the run folder exists already)
+    while not created.parent.exists():
+        created = created.parent
+    if out_dir.exists():
+        created, before = None, set(out_dir.iterdir())
+    try:
+        return _grade_into(mid, args, impl, out_dir)
+    except Exception as e:
+        if is_user_error(e):
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            else:
+                for entry in set(out_dir.iterdir()) - before:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        raise
+
+
+def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -> int:
+    """:func:`grade`'s work, into the run folder ``out_dir``."""
     import torch
 
     from grader.offline import record
@@ -98,7 +122,6 @@ def grade(mid: str, args: argparse.Namespace, impl: dict) -> int:
     from milestones.common import sha256_file
 
     milestone = load(mid)
-    out_dir = out_dir_for(mid, args)
     out_dir.mkdir(parents=True, exist_ok=True)
     start, cpu_start, git = time.time(), time.process_time(), git_state(REPO)  # the code as it was at the start
     report = {"milestone": mid, "title": milestone.title, "profile": args.profile,

@@ -262,3 +262,23 @@ def test_parallel_shows_only_reports_this_run_wrote(tmp_path):
     time.sleep(0.01)
     report.write_text(report.read_text())
     assert stamp(report) != first and stamp(tmp_path / "absent") is None
+
+
+@pytest.mark.slow
+def test_missing_data_after_the_shape_tests_leaves_nothing_written(tmp_path):
+    """Missing data is found after the shape tests ran (they wrote pytest.xml): exit 2, and
+    what the run wrote is removed again, in a new --out and in an existing one."""
+    existing = tmp_path / "existing"
+    (existing / "m1-full").mkdir(parents=True)
+    (existing / "m1-full" / "notes.txt").write_text("mine\n")
+    before = snapshot(existing)
+    for out in (tmp_path / "new" / "runs", existing):
+        r = grader("m1", "--profile", "full", "--data-root", str(tmp_path / "nowhere"), "--out", str(out),
+                   "--no-progress")
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "shape tests" in r.stdout  # the tests did run first
+        assert len(r.stderr.strip().splitlines()) == 1 and "cifar" in r.stderr.lower()
+    assert not (tmp_path / "new").exists()
+    after = snapshot(existing)  # same entries, every file untouched (a folder's own mtime moves)
+    assert after.keys() == before.keys()
+    assert {k: v for k, v in after.items() if v[0] != "dir"} == {k: v for k, v in before.items() if v[0] != "dir"}
