@@ -17,7 +17,8 @@ import re
 
 import torch
 
-from eval.reference.data.world import COLOURS, COLUMNS, ROWS, SHAPES, SIZE_WORDS, canonical_caption, make_split, scene_row
+from eval.reference.data.world import (COLOURS, COLUMNS, ROWS, SHAPES, SIZE_WORDS, WorldConfig, canonical_caption,
+                                       make_split, scene_row)
 
 ATTRIBUTES = ("shape", "colour", "size", "col", "row")
 _SIZE = {w: s for s, words in SIZE_WORDS.items() for w in words}
@@ -54,13 +55,13 @@ def parse_prompt(prompt: str) -> dict:
     return out
 
 
-def world_prompts(split: str = "test", n: int = 100, start: int = 0) -> tuple[list[str], dict]:
+def world_prompts(split: str = "test", n: int = 100, start: int = 0, world=None) -> tuple[list[str], dict]:
     """The grader's prompts: canonical captions ``"a {size} {colour} {shape} {position}"`` of
     single-object world scenes ``[start, start + n)`` of ``split``.
 
     Returns (n prompts, the scene table of those scenes). ``split="heldout"`` gives the held-out
     (colour, shape) compositions never seen in training."""
-    s = make_split(split, start + n, single=True, captions=False)
+    s = make_split(split, start + n, world or WorldConfig(), single=True, captions=False)
     scenes = {k: v[start:] for k, v in s.meta["scenes"].items()}
     return [canonical_caption(scene_row(scenes, i)) for i in range(n)], scenes
 

@@ -9,6 +9,7 @@
     python grader.py all --jobs 2       every milestone, two at a time (one thread each on a 2-core CPU)
     python grader.py list               what there is
     python grader.py verify runs/m1/report.json   re-measure a report's gates from its checkpoint
+    python grader.py regrade            every quick milestone at HEAD, from a clean tree, into results/quick/
 
 For each milestone: run its pytest shape tests against the implementation (stop if any fail) ->
 train with its recipe or load --checkpoint -> evaluate every gate -> print a table -> write
@@ -69,7 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "not the quality; the report says so")
     p.add_argument("--data-root", type=Path, default=None, help="folder holding the real datasets (full profile)")
     p.add_argument("--out", type=Path, default=REPO / "runs", help="output folder (default: runs/); reports go to OUT/<milestone>/")
-    p.add_argument("--seed", type=seed_value, default=0, help="0 <= seed < 2**32 (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="training seed, 0 <= seed < 2**32 (default 0)")
+    p.add_argument("--world-seed", type=seed_value, default=0,
+                   help="the embedded world's seed, 0 <= seed < 2**32 (default 0): every split of the world "
+                        "(train, val, test, held-out) is drawn from it; calibration varies it with --seed")
+    p.add_argument("--require-human", action="store_true",
+                   help="a gate that waits for a person (m5's human evaluation) fails while no answers are "
+                        "recorded, instead of reading 'pending' (exit 0)")
     p.add_argument("--device", type=device_value, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     p.add_argument("--impl", type=Path, default=None,
@@ -172,6 +179,9 @@ def main(argv=None) -> int:
         if argv[:1] == ["verify"]:
             from grader.verify import main as verify_main
             return verify_main(argv[1:])
+        if argv[:1] == ["regrade"]:
+            from grader.regrade import main as regrade_main
+            return regrade_main(argv[1:])
         args = parse_args(argv)
         from milestones.adapters import use_implementation
         impl = use_implementation(args.impl)  # before anything imports mmsys

@@ -15,12 +15,13 @@ from grader import REPO
 def child_options(args: argparse.Namespace) -> list[str]:
     """The command-line options every child gets: the parent's, minus --jobs, plus --no-progress
     (--force too: the parent has already moved the earlier runs aside, so the children find none)."""
-    rest = ["--profile", args.profile, "--out", str(args.out), "--seed", str(args.seed), "--device", args.device,
-            "--no-progress"]
+    rest = ["--profile", args.profile, "--out", str(args.out), "--seed", str(args.seed),
+            "--world-seed", str(args.world_seed), "--device", args.device, "--no-progress"]
     for flag, value in (("--data-root", args.data_root), ("--impl", args.impl)):
         rest += [flag, str(value)] if value else []
     rest += [flag for flag, on in (("--download", args.download), ("--skip-tests", args.skip_tests),
-                                   ("--smoke", args.smoke), ("--force", getattr(args, "force", False))) if on]
+                                   ("--smoke", args.smoke), ("--force", getattr(args, "force", False)),
+                                   ("--require-human", args.require_human)) if on]
     return rest
 
 

@@ -22,16 +22,51 @@ LIBRARIES = ("torch", "torchvision", "numpy", "torchmetrics", "pycocotools", "py
 
 
 def git_state(repo: Path) -> dict:
-    """Commit hash and whether the working tree differs from it."""
+    """Commit hash, whether the working tree differs from it (tracked changes or untracked
+    files that git does not ignore), and the paths that differ."""
     def git(*args):
         try:
             return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                                  timeout=20).stdout.strip()
+                                  timeout=20).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
     commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"commit": commit, "dirty": dirty}
+    status = [ln for ln in git("status", "--porcelain", "--untracked-files=all").splitlines() if ln.strip()]
+    changed = [ln[3:] for ln in status if not ln.startswith("??")]
+    untracked = [ln[3:] for ln in status if ln.startswith("??")]
+    return {"commit": commit, "dirty": bool(status), "changed": changed[:200], "untracked": untracked[:200]}
+
+
+# environment variables that change what a run computes or how fast (threads, devices, hashing,
+# the offline guard, the implementation the shape tests load)
+ENV_PREFIXES = ("MMSYS_", "TORCH_", "CUDA_", "CUBLAS_", "PYTORCH_")
+ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+             "PYTHONHASHSEED", "PYTHONPATH", "KMP_AFFINITY", "OMP_PROC_BIND")
+
+
+def run_environment() -> dict:
+    """The environment variables that affect a run, as they were (absent ones left out; the
+    offline guard's own variables, which every graded run sets, too)."""
+    from grader.offline import ENV_LOG, ENV_ON, SITE_DIR
+    env = {k: v for k, v in sorted(os.environ.items())
+           if (k in ENV_NAMES or k.startswith(ENV_PREFIXES)) and k not in (ENV_ON, ENV_LOG)}
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != SITE_DIR]
+    env.pop("PYTHONPATH", None)
+    return {**env, "PYTHONPATH": os.pathsep.join(path)} if path else env
+
+
+def record_segment(out_dir: Path, git: dict, args) -> list[dict]:
+    """Append this invocation (command, commit, start time, --resume, environment) to
+    ``out_dir/segments.jsonl`` and return every segment recorded there: a run resumed across
+    sessions lists each of its segments, not only the last."""
+    import time
+    seg = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command_line(),
+           "cwd": os.getcwd(), "commit": git.get("commit"), "dirty": git.get("dirty"),
+           "resume": bool(getattr(args, "resume", False)), "environment": run_environment()}
+    path = out_dir / "segments.jsonl"
+    with open(path, "a") as f:
+        f.write(json.dumps(seg) + "\n")
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def library_versions() -> dict:
@@ -77,20 +112,33 @@ def fmt(v) -> str:
     return str(v)
 
 
-def gate_table(rows: list[dict]) -> str:
-    """Fixed-width table for the terminal: criterion, value, threshold, pass/fail."""
+def row_result(r: dict) -> str:
+    """PASS / FAIL / PENDING for a gate row (older reports have no ``status``)."""
+    return "PENDING" if r.get("status") == "pending" else "PASS" if r["passed"] else "FAIL"
+
+
+def gate_table(rows: list[dict], controls: list[dict] = ()) -> str:
+    """Fixed-width table for the terminal: gate, value, threshold, result; then each control
+    (it must FAIL its gate: "ok" when it does)."""
     head = f"{'gate':<28} {'value':>10}   {'threshold':<12} result"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['gate']:<28} {fmt(r['value']):>10}   {r['direction'] + ' ' + fmt(r['threshold']):<12} "
-                     f"{'PASS' if r['passed'] else 'FAIL'}")
+                     f"{row_result(r)}")
         lines.append(f"    {r['description']}")
+        for p in r.get("likely_pitfalls", []):
+            lines.append(f"    likely pitfall: {p['pitfall']}: {p['explain']}")
+    if controls:
+        lines += ["", f"{'control (must fail its gate)':<36} {'gate':<24} {'value':>10}   result", "-" * 80]
+        for c in controls:
+            lines.append(f"{c['control']:<36} {c['gate']:<24} {fmt(c['value']):>10}   "
+                         f"{'ok (fails)' if c['passed'] else c['status'].upper()}")
     return "\n".join(lines)
 
 
 def to_markdown(report: dict) -> str:
     p = report["provenance"]
-    out = [f"# {report['milestone']}: {report['title']} — {report['status'].upper()}", "",
+    out = [f"# {report['milestone']}: {report['title']} — {report.get('headline', report['status']).upper()}", "",
            f"profile **{report['profile']}**, seed {p['seed']}, commit `{p['git']['commit'][:12]}`"
            f"{' (dirty)' if p['git']['dirty'] else ''}, wall time {p['wall_time_s']:.0f} s"
            f" (CPU {p.get('cpu_time_s', float('nan')):.0f} s, {p.get('torch_threads', '?')} threads,"
@@ -98,10 +146,25 @@ def to_markdown(report: dict) -> str:
            "", f"`{p['command']}`", ""]
     if report.get("error"):
         out += [f"**Error:** {report['error']}", ""]
+    if report.get("failures"):
+        out += ["**Why it failed:**", ""] + [f"- {f}" for f in report["failures"]] + [""]
     out += ["## Gates", "", "| gate | measured on | value | threshold | result |", "|---|---|---|---|---|"]
     for r in report["gates"]:
+        result = row_result(r) + (f" ({r['pending']})" if r.get("pending") else "")
         out.append(f"| {r['gate']} | {r['description']} | {fmt(r['value'])} | {r['direction']} {fmt(r['threshold'])} | "
-                   f"{'PASS' if r['passed'] else 'FAIL'} |")
+                   f"{result} |")
+    pitfalls = [(r["gate"], p) for r in report["gates"] for p in r.get("likely_pitfalls", [])]
+    if pitfalls:
+        out += ["", "Likely pitfalls (the measured symptom):", ""]
+        out += [f"- `{g}`: **{p['pitfall']}**: {p['explain']}" for g, p in pitfalls]
+    if "controls" in report:
+        out += ["", "## Controls (each must fail its gate)", "",
+                "| control | measured | gate | value | threshold | result |", "|---|---|---|---|---|---|"]
+        for c in report["controls"]:
+            out.append(f"| {c['control']} | {c['description']} | {c['gate']} | {fmt(c['value'])} | "
+                       f"{c['direction']} {fmt(c['threshold'])} | {'fails, as it must' if c['passed'] else '**' + c['status'] + '**'} |")
+        if not report["controls"]:
+            out.append("| (none measured: the run did not get that far) | | | | | |")
     t = report["tests"]
     out += ["", "## Shape tests", "", f"{t.get('summary', 'not run')} — `{t.get('command', '')}`", "",
             "## Acceptance criteria", ""]
@@ -118,6 +181,15 @@ def to_markdown(report: dict) -> str:
         out += ["", "<details><summary>Interface (generated from milestones/adapters.py)</summary>", "", "```",
                 report["interface"], "```", "", "</details>"]
     out += ["", "## Provenance", "", "| item | value |", "|---|---|"]
+    git = p["git"]
+    if git.get("changed") or git.get("untracked"):
+        out.append(f"| working tree | changed: {', '.join(git.get('changed', [])) or 'none'}; "
+                   f"untracked: {', '.join(git.get('untracked', [])) or 'none'} |")
+    if "environment" in p:
+        out.append(f"| environment | {', '.join(f'{k}={v}' for k, v in p['environment'].items()) or 'none of the variables that affect a run'} |")
+    for i, seg in enumerate(p.get("segments", []), 1):
+        out.append(f"| segment {i} | {seg['started_utc']} `{seg['command']}` at `{str(seg['commit'])[:12]}`"
+                   f"{' (dirty)' if seg.get('dirty') else ''} |")
     ck = report.get("checkpoint") or {}
     out.append(f"| checkpoint | `{ck.get('path')}` sha256 `{ck.get('sha256')}` |")
     for d in report.get("datasets", []):
@@ -152,8 +224,16 @@ def to_junit(report: dict) -> str:
     cases = []
     for r in report["gates"]:
         msg = f"{r['gate']} = {fmt(r['value'])}, needs {r['direction']} {fmt(r['threshold'])}"
-        body = "" if r["passed"] else f"<failure message={quoteattr(msg)}/>"
+        if r.get("status") == "pending":
+            body = f"<skipped message={quoteattr('pending: ' + r['pending'])}/>"
+        else:
+            body = "" if r["passed"] else f"<failure message={quoteattr(msg)}/>"
         cases.append(f'  <testcase classname="{report["milestone"]}.gates" name={quoteattr(r["gate"])}>{body}</testcase>')
+    for c in report.get("controls", []):
+        msg = f"control {c['control']}: {c['gate']} = {fmt(c['value'])} ({c['status']})"
+        body = "" if c["passed"] else f"<failure message={quoteattr(msg)}/>"
+        cases.append(f'  <testcase classname="{report["milestone"]}.controls" '
+                     f'name={quoteattr(c["control"] + " / " + c["gate"])}>{body}</testcase>')
     t = report["tests"]
     tbody = "" if t.get("passed", False) else f"<failure message={quoteattr(t.get('summary', 'not run'))}/>"
     cases.append(f'  <testcase classname="{report["milestone"]}.tests" name="shape tests">{tbody}</testcase>')
@@ -161,8 +241,9 @@ def to_junit(report: dict) -> str:
         cases.append(f'  <testcase classname="{report["milestone"]}" name="run"><error message={quoteattr(report["error"])}/></testcase>')
     failures = sum(1 for c in cases if "<failure" in c)
     errors = sum(1 for c in cases if "<error" in c)
+    skipped = sum(1 for c in cases if "<skipped" in c)
     return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name={quoteattr("grader." + report["milestone"])} '
-            f'tests="{len(cases)}" failures="{failures}" errors="{errors}" '
+            f'tests="{len(cases)}" failures="{failures}" errors="{errors}" skipped="{skipped}" '
             f'time="{report["provenance"]["wall_time_s"]:.1f}">\n' + "\n".join(cases) + "\n</testsuite>\n")
 
 

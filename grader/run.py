@@ -58,21 +58,52 @@ def options(args: argparse.Namespace) -> dict:
             "device": args.device, "data_root": str(args.data_root) if args.data_root else None,
             "checkpoint": str(args.checkpoint) if args.checkpoint else None,
             "impl": str(Path(args.impl).resolve()) if args.impl else None, "download": args.download,
-            "skip_tests": args.skip_tests, "resume": args.resume}
+            "skip_tests": args.skip_tests, "resume": args.resume, "world_seed": args.world_seed,
+            "require_human": args.require_human}
 
 
 def gate_rows(milestone, result, profile: str) -> list[dict]:
-    """The gate rows of a run: the milestone's verdicts, or every gate unmeasured (value None,
-    failed) when nothing was run."""
+    """The gate rows of a run: the milestone's verdicts (failed ones with the pitfalls their
+    symptoms show), or every gate unmeasured (value None, failed) when nothing was run."""
     if result:
-        return milestone.verdicts(result, profile)
+        rows = milestone.verdicts(result, profile)
+        milestone.diagnose(rows, result)
+        return rows
     return [g.row(None, milestone.thresholds[profile][g.key], note="not measured") for g in milestone.gates]
+
+
+def control_rows(milestone, result, profile: str) -> list[dict]:
+    """The control rows of a run (none when nothing was run: the gates are unmeasured too)."""
+    return milestone.control_rows(result, profile) if result else []
+
+
+def verdict(tests: dict, result, rows: list[dict], controls: list[dict], require_human: bool) -> dict:
+    """The grade: ``status`` "pass" or "fail", ``headline`` (e.g. "pass — human evaluation
+    pending"), ``pending`` (gates waiting for a person), ``failures`` (one line each: failed
+    gates, controls that cleared their gate or were not measured)."""
+    pending = [r["gate"] for r in rows if r.get("status") == "pending"]
+    failures = [f"{r['gate']} = {r['value']} does not clear {r['direction']} {r['threshold']}"
+                for r in rows if not r["passed"] and r.get("status") != "pending"]
+    if require_human:
+        failures += [f"{g} is pending ({r['pending']}) and --require-human was given" for g in pending
+                     for r in rows if r["gate"] == g]
+    for c in controls:
+        if c["cleared"]:
+            failures.append(f"{c['gate']} cannot fail: the control '{c['control']}' scored {c['value']} "
+                            f"({c['direction']} {c['threshold']} passes)")
+        elif not c["passed"]:
+            failures.append(f"control '{c['control']}' of {c['gate']} was not measured")
+    ok = bool(result) and not failures and (tests["passed"] or tests.get("skipped"))
+    headline = "pass" if ok else "fail"
+    if ok and pending:
+        headline = "pass — " + ", ".join(("human evaluation" if g.startswith("human") else g) for g in pending) + " pending"
+    return {"status": "pass" if ok else "fail", "headline": headline, "pending": pending, "failures": failures}
 
 
 def measure(milestone, args: argparse.Namespace, out_dir: Path, checkpoint: Path | None):
     """Train (or load ``checkpoint``) and evaluate every gate: the milestone's RunResult."""
     from milestones.base import RunContext
-    ctx = RunContext(profile=args.profile, seed=args.seed, out_dir=out_dir, device=args.device,
+    ctx = RunContext(profile=args.profile, seed=args.seed, world_seed=args.world_seed, out_dir=out_dir, device=args.device,
                      data_root=args.data_root, checkpoint=checkpoint, download=args.download,
                      progress=not args.no_progress, resume=args.resume, smoke=getattr(args, "smoke", False))
     return milestone.run(ctx)  # DataMissingError / CheckpointError propagate to main -> exit 2
@@ -116,7 +147,8 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
     import torch
 
     from grader.offline import record
-    from grader.report import command_line, device_info, gate_table, git_state, library_versions, write_report
+    from grader.report import (command_line, device_info, gate_table, git_state, library_versions, record_segment,
+                               run_environment, write_report)
     from milestones import load
     from milestones.adapters import BUNDLED, interface, supplied_by
     from milestones.common import sha256_file
@@ -124,6 +156,7 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
     milestone = load(mid)
     out_dir.mkdir(parents=True, exist_ok=True)
     start, cpu_start, git = time.time(), time.process_time(), git_state(REPO)  # the code as it was at the start
+    segments = record_segment(out_dir, git, args)  # every segment of a resumed run, this one last
     report = {"milestone": mid, "title": milestone.title, "profile": args.profile,
               "smoke": bool(getattr(args, "smoke", False)),
               "criteria": [c.__dict__ for c in milestone.criteria],
@@ -145,18 +178,22 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
     else:
         error = "shape tests failed: gates not evaluated"
     rows = gate_rows(milestone, result, args.profile)
-    ok = bool(result) and all(r["passed"] for r in rows) and (tests["passed"] or tests.get("skipped"))
+    controls = control_rows(milestone, result, args.profile)
+    grade_ = verdict(tests, result, rows, controls, args.require_human)
+    ok = grade_["status"] == "pass"
     ckpt = None
     if result and result.checkpoint:
         ckpt = {"path": str(Path(result.checkpoint).resolve()), "sha256": sha256_file(result.checkpoint),
                 "trained_here": args.checkpoint is None}
     report.update({
-        "status": "pass" if ok else "fail", "error": error, "gates": rows,
+        **grade_, "error": error, "gates": rows, "controls": controls,
+        "symptoms": result.symptoms if result else {},
         "metrics": result.metrics if result else {},
         "info": result.info if result else ({"training_diverged": diverged} if diverged else {}),
         "datasets": result.datasets if result else [], "checkpoint": ckpt,
         "config": result.config if result else {}, "figures": result.figures if result else [],
-        "provenance": {"git": git, "command": command_line(), "seed": args.seed, "options": options(args),
+        "provenance": {"git": git, "command": command_line(), "seed": args.seed, "world_seed": args.world_seed,
+                       "options": options(args), "environment": run_environment(), "segments": segments,
                        # what was graded, module by module, and what measured it
                        "implementation": {**impl, "supplied_by": supplied_by()},
                        "instruments": {"package": "eval.reference (the grader's own copy of the bundled mmsys)",
@@ -171,7 +208,9 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
                        "note": "BLEU and accuracies are fractions in [0, 1] unless a key says otherwise"},
     })
     paths = write_report(report, out_dir)
-    print(f"\n== {mid} ({args.profile}): {report['status'].upper()}  [{time.time() - start:.0f} s]")
-    print(gate_table(rows))
+    print(f"\n== {mid} ({args.profile}): {report['headline'].upper()}  [{time.time() - start:.0f} s]")
+    print(gate_table(rows, controls))
+    for line in grade_["failures"]:
+        print(f"   - {line}")
     print(f"report: {paths['markdown']}  (json: {paths['json']}, junit: {paths['junit']})\n", flush=True)
     return EXIT_PASS if ok else EXIT_FAIL

@@ -81,8 +81,10 @@ def _key(d: dict) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def compare(report: dict, rows: list[dict], datasets: list[dict], milestone, tol: float) -> tuple[list[dict], list[str]]:
-    """(one line per gate: recorded, measured, difference, agree; problems found in the report)."""
+def compare(report: dict, rows: list[dict], datasets: list[dict], milestone, tol: float,
+            controls: list[dict] = ()) -> tuple[list[dict], list[str]]:
+    """(one line per gate and per control row: recorded, measured, difference, agree; problems
+    found in the report)."""
     problems = []
     if sorted(map(_key, datasets)) != sorted(map(_key, report["datasets"])):
         raise UsageError("verify: the data loaded now does not match the report's dataset identities and hashes "
@@ -90,9 +92,11 @@ def compare(report: dict, rows: list[dict], datasets: list[dict], milestone, tol
     own = milestone.thresholds[report["profile"]]
     if report.get("thresholds") != own:
         problems.append(f"thresholds in the report {report.get('thresholds')} differ from the milestone's {own}")
-    recorded, gates = {r["gate"]: r for r in report["gates"]}, {g.key: g for g in milestone.gates}
+    recorded, gates = {r["gate"]: r for r in report["gates"]}, {g.key: g for g in milestone.all_gates()}
     lines = []
     for row in rows:
+        if row.get("status") == "pending":  # waits for a person: nothing to re-measure
+            continue
         rec = recorded.get(row["gate"])
         if rec is None:
             problems.append(f"gate {row['gate']} is missing from the report")
@@ -106,11 +110,24 @@ def compare(report: dict, rows: list[dict], datasets: list[dict], milestone, tol
                       "diff": abs(rec["value"] - row["value"]) if both else None,
                       "tolerance": tol * max(1.0, abs(rec["value"])) if rec["value"] is not None else None,
                       "agree": agrees(rec["value"], row["value"], tol)})
-    tests = report.get("tests") or {}
-    expected = "pass" if (tests.get("passed") or tests.get("skipped")) and all(
-        r["passed"] for r in report["gates"]) else "fail"
-    if report.get("status") != expected:
-        problems.append(f"status {report.get('status')!r} does not follow from the recorded tests and gate verdicts")
+    rec_controls = {(c["control"], c["gate"]): c for c in report.get("controls", [])}
+    for row in controls:
+        rec = rec_controls.get((row["control"], row["gate"]))
+        name = f"control {row['control']} / {row['gate']}"
+        if rec is None:
+            problems.append(f"{name} is missing from the report")
+            continue
+        both = None not in (rec["value"], row["value"])
+        lines.append({"gate": name, "recorded": rec["value"], "measured": row["value"],
+                      "diff": abs(rec["value"] - row["value"]) if both else None,
+                      "tolerance": tol * max(1.0, abs(rec["value"])) if rec["value"] is not None else None,
+                      "agree": agrees(rec["value"], row["value"], tol)})
+    from grader.run import verdict
+    require_human = bool((report["provenance"].get("options") or {}).get("require_human"))
+    expected = verdict(report.get("tests") or {}, True, report["gates"], report.get("controls", []), require_human)
+    if report.get("status") != expected["status"]:
+        problems.append(f"status {report.get('status')!r} does not follow from the recorded tests, gate verdicts "
+                        f"and controls")
     return lines, problems
 
 
@@ -132,7 +149,7 @@ def main(argv) -> int:
     use_implementation(opts.get("impl"))
     from grader.offline import block_network
     block_network()
-    from grader.run import gate_rows, measure
+    from grader.run import control_rows, gate_rows, measure
     from milestones import MODULES, load
     if report["milestone"] not in MODULES:
         raise UsageError(f"verify: unknown milestone {report['milestone']!r} in {args.report}")
@@ -140,13 +157,15 @@ def main(argv) -> int:
     data_root = args.data_root or (Path(opts["data_root"]) if opts.get("data_root") else None)
     run_args = argparse.Namespace(profile=report["profile"], smoke=bool(opts.get("smoke")),
                                   seed=report["provenance"].get("seed", 0), device=opts.get("device", "cpu"),
+                                  world_seed=report["provenance"].get("world_seed", 0),
                                   data_root=data_root, download=False, resume=False, no_progress=args.no_progress)
     print(f"== verify {args.report}: {report['milestone']} {report['profile']} profile, seed {run_args.seed}, "
           f"checkpoint {ckpt} (sha256 {report['checkpoint']['sha256'][:12]}... matches)", flush=True)
     with tempfile.TemporaryDirectory(prefix="mmsys-verify-") as tmp:
         result = measure(milestone, run_args, Path(tmp), ckpt)
         rows = gate_rows(milestone, result, report["profile"])
-    lines, problems = compare(report, rows, result.datasets, milestone, args.tolerance)
+        controls = control_rows(milestone, result, report["profile"])
+    lines, problems = compare(report, rows, result.datasets, milestone, args.tolerance, controls)
     print(table(lines))
     for p in problems:
         print(f"report problem: {p}")

@@ -6,6 +6,11 @@ A milestone file (``milestones/m1_vit.py`` ...) reads like its spec. It defines
 - ``gates``: the measured numbers that must clear a threshold, and ``thresholds`` — the one
   place per milestone where the numbers live, per profile ("quick" on the embedded world,
   "full" on real data);
+- ``controls``: models that must *fail* the gates (an untrained model, shuffled labels, a
+  constant output ...), measured in every run with the gates' own protocol: a control that
+  clears its gate makes the grade fail, because that gate cannot fail;
+- ``pitfalls``: the spec's known mistakes and the measured symptom that betrays each, named in
+  the report beside a failing gate;
 - ``recipes``: the training recipe per profile;
 - ``interface``: what it needs from an implementation, generated from the seam
   (:mod:`milestones.adapters`, the only module that reaches the code under test);
@@ -20,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PROFILES = ("quick", "full")
 
@@ -41,11 +46,63 @@ class Gate:
             return False
         return value > threshold if self.direction == ">" else value < threshold
 
-    def row(self, value: float | None, threshold: float, **extra) -> dict:
-        """The report's row for this gate: key, description, value, direction, threshold, passed
-        (+ ``extra``, e.g. ``note="not measured"``)."""
-        return {"gate": self.key, "description": self.description, "value": value, "direction": self.direction,
-                "threshold": threshold, "passed": self.passes(value, threshold), **extra}
+    def row(self, value: float | None, threshold: float, pending: str | None = None, **extra) -> dict:
+        """The report's row for this gate: key, description, value, direction, threshold, passed,
+        status ("pass", "fail", "pending" or "not measured") (+ ``extra``, e.g. ``note=...``).
+        ``pending`` (why, e.g. "no answers recorded") marks a gate that waits for a person: it
+        neither passes nor fails until measured (``grader.py --require-human`` fails it)."""
+        passed = pending is None and self.passes(value, threshold)
+        status = "pending" if pending else "pass" if passed else "not measured" if value is None else "fail"
+        row = {"gate": self.key, "description": self.description, "value": value, "direction": self.direction,
+               "threshold": threshold, "passed": passed, "status": status, **extra}
+        if pending:
+            row["pending"] = pending
+        return row
+
+
+@dataclass(frozen=True)
+class Control:
+    """A model that must NOT clear ``gates``: measured in every run with the gates' own protocol
+    (a reduced sample size is fine, and ``description`` says so). If it clears one, that gate
+    cannot fail and the grade fails."""
+
+    name: str  # e.g. "untrained model"
+    description: str  # what exactly was measured
+    gates: tuple[str, ...]
+
+    def rows(self, values: dict[str, float], gates: dict[str, Gate], thresholds: dict[str, float]) -> list[dict]:
+        """One report row per gate: the control's value, the gate's threshold, ``cleared`` (it
+        passed the gate: a defect) and ``passed`` (measured and failed the gate, as it must)."""
+        out = []
+        for key in self.gates:
+            value = values.get(key)
+            cleared = gates[key].passes(value, thresholds[key])
+            out.append({"control": self.name, "description": self.description, "gate": key, "value": value,
+                        "direction": gates[key].direction, "threshold": thresholds[key], "cleared": cleared,
+                        "passed": value is not None and not cleared,
+                        "status": "not measured" if value is None else "cleared the gate" if cleared else "fails, as it must"})
+        return out
+
+
+@dataclass(frozen=True)
+class Pitfall:
+    """A known way to get the spec wrong, and the measured symptom that betrays it.
+
+    ``symptom`` names a number in :attr:`RunResult.symptoms`; ``holds(value)`` says whether it
+    shows the pitfall; ``explain`` (formatted with ``value``) is the report's sentence beside a
+    failing gate among ``gates``."""
+
+    name: str  # e.g. "temperature at its clamp"
+    gates: tuple[str, ...]
+    symptom: str
+    holds: Callable[[float], bool]
+    explain: str
+
+    def diagnose(self, symptoms: dict[str, float]) -> dict | None:
+        value = symptoms.get(self.symptom)
+        if value is None or (isinstance(value, float) and math.isnan(value)) or not self.holds(value):
+            return None
+        return {"pitfall": self.name, "symptom": self.symptom, "value": value, "explain": self.explain.format(value=value)}
 
 
 @dataclass(frozen=True)
@@ -67,6 +124,7 @@ class RunContext:
     data_root: Path | None = None
     checkpoint: Path | None = None
     download: bool = False
+    world_seed: int = 0  # --world-seed: the embedded world's seed (every split of it; calibration varies it)
     progress: bool = True
     resume: bool = False  # continue from out_dir/checkpoint.pt when it exists (resumable milestones)
     smoke: bool = False  # --smoke: the profile's smoke recipe (tiny models, few steps: proves the path, not quality)
@@ -92,6 +150,8 @@ class RunResult:
     checkpoint: path of the checkpoint evaluated (the grader hashes it).
     config: resolved training recipe and model configuration.
     figures: paths of PNG figures written.
+    controls: control name -> {gate key: value}, each measured with that gate's protocol.
+    symptoms: numbers the pitfalls read (temperature, attention entropy, loss ratios ...).
     """
 
     metrics: dict[str, float]
@@ -100,6 +160,8 @@ class RunResult:
     checkpoint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
+    controls: dict[str, dict[str, float]] = field(default_factory=dict)
+    symptoms: dict[str, float] = field(default_factory=dict)
 
 
 class Milestone:
@@ -111,6 +173,8 @@ class Milestone:
     test_files: tuple[str, ...] = ()
     criteria: tuple[Criterion, ...] = ()
     gates: tuple[Gate, ...] = ()
+    controls: tuple[Control, ...] = ()  # every gate has at least one (tests/test_grader.py checks)
+    pitfalls: tuple[Pitfall, ...] = ()
     thresholds: dict[str, dict[str, float]] = {}
     recipes: dict[str, Any] = {}
     data_needed: dict[str, str] = {}  # profile -> what data it needs and where to get it
@@ -137,5 +201,25 @@ class Milestone:
         raise NotImplementedError
 
     def verdicts(self, result: RunResult, profile: str) -> list[dict]:
-        """One row per gate: key, description, value, threshold, direction, passed."""
+        """One row per gate: key, description, value, threshold, direction, passed, status."""
         return [gate.row(result.metrics.get(gate.key), self.thresholds[profile][gate.key]) for gate in self.gates]
+
+    def control_rows(self, result: RunResult, profile: str) -> list[dict]:
+        """One row per (control, gate): each must be measured and fail the gate."""
+        gates = {g.key: g for g in self.all_gates()}
+        return [row for c in self.controls
+                for row in c.rows(result.controls.get(c.name, {}), gates, self.thresholds[profile])]
+
+    def all_gates(self) -> tuple[Gate, ...]:
+        """Every gate a report may carry (subclasses add gates measured only sometimes)."""
+        return self.gates
+
+    def diagnose(self, rows: list[dict], result: RunResult) -> None:
+        """Add ``likely_pitfalls`` to each failed gate row: the pitfalls of that gate whose
+        symptom ``result.symptoms`` shows."""
+        for row in rows:
+            if row["status"] == "fail":
+                found = [d for p in self.pitfalls if row["gate"] in p.gates
+                         for d in [p.diagnose(result.symptoms)] if d]
+                if found:
+                    row["likely_pitfalls"] = found

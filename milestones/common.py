@@ -45,6 +45,13 @@ def train_config(recipe, ctx=None, *, seed: int | None = None, out_dir=None, dev
     return cfg
 
 
+def world_split(ctx, split: str, n: int | None = None, **kwargs):
+    """A split of the embedded world drawn from ``ctx.world_seed`` (``--world-seed``), from the
+    grader's own copy of the world; ``kwargs`` go to ``make_split`` (``single``, ``captions``)."""
+    from eval.reference.data.world import WorldConfig, make_split
+    return make_split(split, n, WorldConfig(seed=getattr(ctx, "world_seed", 0)), **kwargs)
+
+
 def data_root(ctx, subdir: str, needed: str) -> Path:
     """Where a real dataset is: ``--data-root`` if given, else ``$MMSYS_SHARED_DATA/<subdir>``
     when that exists. ``needed`` completes the error line ("m1 full profile needs CIFAR-10:

@@ -19,7 +19,7 @@ from eval.classification import accuracy, confusion_matrix
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
 from milestones.common import (CheckpointError, batched, data_root, load_into, read_checkpoint, to_float,
-                               train_config)
+                               train_config, world_split)
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -118,9 +118,8 @@ CIFAR_NEEDED = ("m1 full profile needs CIFAR-10: pass --data-root pointing at a 
 def load_data(recipe: M1Recipe, ctx: RunContext):
     """(train, test) DataSplits for the recipe's dataset, from the grader's own loaders."""
     if recipe.data == "world":
-        from eval.reference.data.world import make_split
-        return (make_split("train", recipe.n_train, single=True, captions=False),
-                make_split("test", recipe.n_test, single=True, captions=False))
+        return (world_split(ctx, "train", recipe.n_train, single=True, captions=False),
+                world_split(ctx, "test", recipe.n_test, single=True, captions=False))
     from eval.reference.data.cifar import load_cifar10
     root = data_root(ctx, "cifar10", CIFAR_NEEDED)
     full = not ctx.smoke  # the gate is measured on the complete splits (a smoke run takes any tree)

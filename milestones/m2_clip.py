@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from eval.clip_figures import figure_set
 from eval.probes import run_probes
 from eval.reference.data.world import (RGB, WorldConfig, canonical_caption, composition_classes,
-                                       composition_label, make_split, scene_row)
+                                       composition_label, scene_row)
 from eval.retrieval import image_to_image_topk, image_to_text_recall, text_to_image_recall, zero_shot_topk
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
 from milestones.common import (DataMissingError, batched, config_errors, data_root, load_into, read_checkpoint,
-                               train_config)
+                               train_config, world_split)
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -379,11 +379,11 @@ def _train_or_load(ctx, recipe, train, extra, before_items=None, impl: Implement
 def run_quick(ctx: RunContext, recipe: M2Recipe) -> RunResult:
     """Train on the embedded world (or load ``ctx.checkpoint``) and measure everything on it."""
     t0 = time.perf_counter()
-    train = None if ctx.checkpoint else make_split("train", recipe.n_train)  # evaluating only: not needed
-    test, heldout = make_split("test", recipe.n_test), make_split("heldout", recipe.n_heldout)
+    train = None if ctx.checkpoint else world_split(ctx, "train", recipe.n_train)  # evaluating only: not needed
+    test, heldout = world_split(ctx, "test", recipe.n_test), world_split(ctx, "heldout", recipe.n_heldout)
     splits = [s for s in (train, test, heldout) if s is not None]
     ctx.log("data: " + ", ".join(f"{s.name} {len(s)}" for s in splits) + f" ({time.perf_counter() - t0:.1f} s)")
-    index = {"dataset": "world", "split": "test", "n": len(test), "world_config": asdict(WorldConfig())}
+    index = {"dataset": "world", "split": "test", "n": len(test), "world_config": asdict(WorldConfig(seed=ctx.world_seed))}
     model, tok, ckpt, info, before = _train_or_load(
         ctx, recipe, train, {"index": index}, (test.images[:300], [cs[0] for cs in test.captions[:300]]))
     t1 = time.perf_counter()

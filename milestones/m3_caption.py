@@ -25,7 +25,7 @@ import torch
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
 from milestones.common import (config_errors, data_root, load_into, read_checkpoint, to_float,
-                               train_config)
+                               train_config, world_split)
 
 # ------------------------------------------------------------------ thresholds (the one place)
 # quick: raised from the issue's 0.30 / 0.80. On the world, one constant caption for every image
@@ -118,8 +118,7 @@ def coco_splits(root, image_size: int, limit: int | None = None):
 def load_data(recipe: M3Recipe, ctx: RunContext):
     """(train, test) DataSplits with captions, from the grader's own loaders."""
     if recipe.data == "world":
-        from eval.reference.data.world import make_split
-        return make_split("train", recipe.n_train), make_split("test", recipe.n_test)
+        return world_split(ctx, "train", recipe.n_train), world_split(ctx, "test", recipe.n_test)
     train, _, test = coco_splits(data_root(ctx, "coco", COCO_NEEDED), recipe.model["image_size"], recipe.n_train)
     if recipe.n_test is not None:
         test = replace(test, images=test.images[:recipe.n_test], captions=test.captions[:recipe.n_test],

@@ -30,7 +30,7 @@ from torch import nn
 from milestones.adapters import CANDIDATE
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
 from milestones.common import (CheckpointError, DataMissingError, config_errors, data_root, load_into, read_checkpoint,
-                               train_config)
+                               train_config, world_split)
 
 CHECKPOINT_KIND = "ddpm"  # the kind the m4 trainer writes and the grader reads back
 
@@ -124,9 +124,9 @@ def load_data(recipe: M4Recipe, ctx: RunContext):
     """(train, reference, floor) DataSplits: the reference is the test split; the floor set is a
     disjoint real split of the same distribution (world val; CIFAR-10: the last train images)."""
     if recipe.data == "world":
-        from eval.reference.data.world import make_split
-        return (make_split("train", recipe.n_train, captions=False), make_split("test", recipe.n_ref, captions=False),
-                make_split("val", recipe.n_ref, captions=False))
+        return (world_split(ctx, "train", recipe.n_train, captions=False),
+                world_split(ctx, "test", recipe.n_ref, captions=False),
+                world_split(ctx, "val", recipe.n_ref, captions=False))
     from eval.reference.data.cifar import load_cifar10
     from eval.reference.data.split import DataSplit
     root = data_root(ctx, "cifar10", "m4 full profile needs CIFAR-10: pass --data-root pointing at a "

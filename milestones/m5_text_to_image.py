@@ -44,7 +44,7 @@ from eval.reference.text2image import CHECKPOINT_KIND, SamplingConfig
 from eval.text2image_eval import Judges, evaluate, make_figures, shuffled, world_judges  # noqa: F401 (re-exported)
 from milestones.adapters import CANDIDATE, REFERENCE
 from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
-from milestones.common import data_root, eval_weights, load_into, read_checkpoint, train_config
+from milestones.common import data_root, eval_weights, load_into, read_checkpoint, train_config, world_split
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -172,11 +172,10 @@ def load_data(recipe: M5Recipe, ctx: RunContext):
     """(generator/conditioning train split, judge-CLIP train split, test split) DataSplits with
     captions, all from the grader's own data code."""
     if recipe.data == "world":
-        from eval.reference.data.world import make_split
         n, m = recipe.n_train, recipe.n_judge_train
-        train = make_split("train", n + m, single=True)
+        train = world_split(ctx, "train", n + m, single=True)
         return slice_split(train, 0, n, "cond"), slice_split(train, n, n + m, "judge"), \
-            make_split("test", recipe.n_real, single=True)
+            world_split(ctx, "test", recipe.n_real, single=True)
     from eval.reference.data.cifar import load_cifar10
     root = data_root(ctx, "cifar10", "m5 full profile needs CIFAR-10: pass --data-root pointing at a "
                      "cifar-10-batches-py folder, a train/test JPEG tree or cifar10-jpg.tar.gz (or add --download)")
@@ -329,7 +328,7 @@ def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
         raise RuntimeError("the judge CLIP is the conditioning CLIP: a generator must not be graded by its own encoder")
     info.update(conditioning_clip=cond_info, judges=judges.info, judge_differs_from_conditioning=True,
                 conditioning_text_tower_digest=cond_digest, judge_text_tower_digest=judge_digest)
-    prompts, gain_prompts, heldout = eval_prompts(recipe, test)
+    prompts, gain_prompts, heldout = eval_prompts(recipe, test, ctx.world_seed)
     sp = recipe.sampling
     ctx.log(f"evaluating: {len(prompts)} prompts x guidance {sorted(set(recipe.sweep) | {sp.guidance, 1.0})}")
     t0 = time.perf_counter()
@@ -372,14 +371,15 @@ def sampler_for(model, sampling: SamplingConfig, seed: int, progress: bool = Fal
     return sample
 
 
-def eval_prompts(recipe: M5Recipe, test) -> tuple[list[str], list[str], list[str] | None]:
+def eval_prompts(recipe: M5Recipe, test, world_seed: int = 0) -> tuple[list[str], list[str], list[str] | None]:
     """(prompts for the gates, prompts for the guidance gain (the gate prompts first, then more),
-    held-out-composition prompts or None)."""
+    held-out-composition prompts or None); world prompts from the world of ``world_seed``."""
     n = max(recipe.n_eval, recipe.n_gain)
     if recipe.data == "world":
         from eval.prompt_match import world_prompts
-        prompts, _ = world_prompts("test", n)
-        heldout = world_prompts("heldout", recipe.n_heldout)[0] if recipe.n_heldout else None
+        from eval.reference.data.world import WorldConfig
+        prompts, _ = world_prompts("test", n, world=WorldConfig(seed=world_seed))
+        heldout = world_prompts("heldout", recipe.n_heldout, world=WorldConfig(seed=world_seed))[0] if recipe.n_heldout else None
     else:
         prompts, heldout = [CIFAR_TEMPLATES[0].format(test.classes[y]) for y in test.labels[:n].tolist()], None
     return prompts[:recipe.n_eval], prompts, heldout

@@ -359,6 +359,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start_step, desc=self.kind, dynamic_ncols=True,
                    disable=not (cfg.progress and main))
         sums, n_win, t_win, record, stopped_early = {}, 0, time.perf_counter(), {}, False
+        curve = []  # (step, mean loss) of each logged window: the summary's loss_curve
         try:  # the bar is closed however the loop ends
             while self.step < cfg.steps:
                 metrics = self._train_step(self.step)
@@ -382,6 +383,7 @@ class Trainer:
                         raise TrainingDiverged(self.step, f"the mean loss of steps {self.step - n_win + 1}-{self.step}"
                                                f" ({record['loss']})", "losses too large to average: lower the "
                                                "learning rate or rescale the loss", kept_note(self.ckpt_path))
+                    curve.append((self.step, record["loss"]))
                     if log:
                         with open(self.out_dir / "metrics.jsonl", "a") as f:
                             f.write(json.dumps(record) + "\n")
@@ -400,7 +402,8 @@ class Trainer:
         ckpt = ckpt if ckpt is not None and ckpt.exists() else None
         summary = {"kind": self.kind, "steps": self.step, "target_steps": cfg.steps, "start_step": start_step,
                    "wall_s": wall, "items_per_s": (self.step - start_step) * cfg.batch_size / max(wall, 1e-9),
-                   "final_metrics": record, "stopped_early": stopped_early, "max_seconds": cfg.max_seconds,
+                   "final_metrics": record, "loss_curve": curve, "stopped_early": stopped_early,
+                   "max_seconds": cfg.max_seconds,
                    "checkpoint": str(ckpt) if ckpt else None, "world_size": self.dist.world_size,
                    "device": str(self.device), "bf16": cfg.bf16,
                    # process CPU seconds and the machine's load: wall time on a shared machine

@@ -249,7 +249,8 @@ def test_parallel_shows_only_reports_this_run_wrote(tmp_path):
     fake_run(runs / "m1-full")
     before = snapshot(runs / "m1-full")
     args = argparse.Namespace(profile="full", out=runs, seed=0, device="cpu", data_root=tmp_path / "nowhere",
-                              impl=None, download=False, skip_tests=True, smoke=False, force=False, jobs=2)
+                              impl=None, download=False, skip_tests=True, smoke=False, force=False, jobs=2,
+                              world_seed=0, require_human=False)
     out = io.StringIO()
     with redirect_stdout(out):
         codes = grade_in_parallel(["m1"], args)

@@ -205,7 +205,8 @@ def test_grader_children_get_the_guard(guard, monkeypatch, tmp_path):
     milestone = SimpleNamespace(id="m1", marker="m1", test_files=[])
     grader.run.run_shape_tests(milestone, tmp_path, False, {"bundled": True, "path": "mmsys"})
     args = argparse.Namespace(profile="quick", out=tmp_path / "out", seed=0, device="cpu", data_root=None,
-                              impl=None, download=False, skip_tests=True, smoke=False, jobs=2)
+                              impl=None, download=False, skip_tests=True, smoke=False, jobs=2,
+                              world_seed=0, require_human=False)
     grader.parallel.grade_in_parallel(["m1", "m2"], args)
     assert len(envs) == 3
     for env in envs:
