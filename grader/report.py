@@ -168,7 +168,8 @@ def to_markdown(report: dict) -> str:
     t = report["tests"]
     out += ["", "## Shape tests", "", f"{t.get('summary', 'not run')} — `{t.get('command', '')}`", "",
             "## Acceptance criteria", ""]
-    out += [f"- {c['text']} — proved by `{c['proof']}`" for c in report["criteria"]]
+    out += [f"- {c['text']} — proved by `{c['proof']}`" + ("" if c.get("claimed", True) else
+            f" — **not claimed by this report**: {c['not_claimed']}") for c in report["criteria"]]
     if report.get("metrics"):
         out += ["", "## All metrics", "", "| metric | value |", "|---|---|"]
         out += [f"| {k} | {fmt(v)} |" for k, v in report["metrics"].items()]

@@ -46,6 +46,36 @@ def run_shape_tests(milestone, out_dir: Path, skip: bool, impl: dict) -> dict:
             "command": " ".join(["python"] + cmd[1:]).replace(str(REPO) + "/", ""), "junit": str(junit)}
 
 
+def slow_tests(milestone) -> list[str]:
+    """Node ids of the milestone's shape tests marked slow: the grader does not run them."""
+    files = [str(REPO / f) for f in milestone.test_files]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "--collect-only", "-q",
+           "--rootdir", str(REPO), "-m", f"{milestone.marker} and slow", *files]
+    from grader.offline import child_env
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=child_env())
+    return [ln.strip() for ln in proc.stdout.splitlines() if "::" in ln]
+
+
+def criteria_rows(milestone, tests: dict) -> list[dict]:
+    """Each acceptance criterion and whether this grading ran its proof: a gate is always
+    measured; a test proof counts only if the shape tests ran and none of the tests it names is
+    a slow one the grader skips (``claimed`` False otherwise, with the reason)."""
+    slow = slow_tests(milestone) if not tests.get("skipped") else []
+    rows = []
+    for c in milestone.criteria:
+        row = {"text": c.text, "proof": c.proof, "claimed": True}
+        if c.proof.startswith("test:"):
+            target = c.proof[len("test:"):]
+            skipped = [n for n in slow if n == target or n.startswith(target + "::") or n.startswith(target + "[")]
+            if tests.get("skipped"):
+                row.update(claimed=False, not_claimed="the shape tests were skipped (--skip-tests)")
+            elif skipped:
+                row.update(claimed=False, not_claimed=f"its slow test(s) are not run at grading: "
+                           f"{', '.join(skipped)}; run them with `python -m pytest -m slow {target}`")
+        rows.append(row)
+    return rows
+
+
 def out_dir_for(mid: str, args: argparse.Namespace) -> Path:
     """OUT/<mid> for the quick profile, OUT/<mid>-<profile> otherwise (+ "-smoke" for --smoke)."""
     name = mid if args.profile == "quick" else f"{mid}-{args.profile}"
@@ -159,11 +189,12 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
     segments = record_segment(out_dir, git, args)  # every segment of a resumed run, this one last
     report = {"milestone": mid, "title": milestone.title, "profile": args.profile,
               "smoke": bool(getattr(args, "smoke", False)),
-              "criteria": [c.__dict__ for c in milestone.criteria],
+
               "thresholds": milestone.thresholds[args.profile], "interface": interface(mid),
               "data_needed": milestone.data_needed.get(args.profile)}
     tests = run_shape_tests(milestone, out_dir, args.skip_tests, impl)
     report["tests"] = tests
+    report["criteria"] = criteria_rows(milestone, tests)
     result, error, diverged = None, None, None
     if tests["passed"] or tests.get("skipped"):
         print(f"== {mid}: {milestone.title} ({args.profile} profile{', smoke' if report['smoke'] else ''})", flush=True)

@@ -1,0 +1,150 @@
+"""Calibrate a milestone's quick thresholds from several honest runs and their controls.
+
+    python -m benchmarks.calibrate m1                 3 runs: (seed, world seed) = (0, 0), (1, 1), (2, 2)
+    python -m benchmarks.calibrate m1 m2 --jobs 2     two runs at a time, one torch thread each
+    python -m benchmarks.calibrate m1 --collect-only  rebuild the tables from runs already made
+
+Each run is ``grader.py MID --seed S --world-seed W`` (training seed and world seed both differ),
+into ``runs/calibration/MID/sS-wW/``; its report.json and report.md are copied to
+``results/calibration/runs/``. The table ``results/calibration/MID.md`` (and ``.json``) lists,
+per gate, every honest run's value and every control's, the worst honest run, the best control,
+the threshold in force and its margins to both. The rule for a threshold (README, "Gates"): it
+sits between the best control and the worst honest run, at least ``MARGIN`` of that gap away
+from the worst honest run — the suggestion column applies it; moving a threshold is a commit
+that cites this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "calibration"
+RESULTS = REPO / "results" / "calibration"
+PAIRS = ((0, 0), (1, 1), (2, 2))  # (training seed, world seed): (0, 0) is what CI grades
+MARGIN = 0.25  # a threshold keeps at least this share of the control-to-honest gap below the worst honest run
+
+
+def run_folder(mid: str, seed: int, world: int) -> Path:
+    return RUNS / mid / f"s{seed}-w{world}"
+
+
+def command(mid: str, seed: int, world: int) -> list[str]:
+    return [sys.executable, str(REPO / "grader.py"), mid, "--seed", str(seed), "--world-seed", str(world),
+            "--out", str(run_folder(mid, seed, world)), "--no-progress", "--skip-tests"]
+
+
+def run_all(jobs: list[tuple[str, int, int]], parallel: int) -> None:
+    """Run the grader for each (mid, seed, world) not yet graded, ``parallel`` at a time."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    todo = [j for j in jobs if not (run_folder(*j) / j[0] / "report.json").exists()]
+    running: list[tuple[subprocess.Popen, tuple, float]] = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            job = todo.pop(0)
+            folder = run_folder(*job)
+            shutil.rmtree(folder, ignore_errors=True)  # an interrupted run: start it again
+            folder.mkdir(parents=True)
+            log = open(folder.with_suffix(".log"), "w")
+            running.append((subprocess.Popen(command(*job), stdout=log, stderr=subprocess.STDOUT, env=env), job, time.time()))
+            print(f"== {job[0]} seed {job[1]} world {job[2]}: started", flush=True)
+        time.sleep(5)
+        for item in list(running):
+            proc, job, t0 = item
+            if proc.poll() is not None:
+                running.remove(item)
+                print(f"== {job[0]} seed {job[1]} world {job[2]}: exit {proc.returncode} [{time.time() - t0:.0f} s]",
+                      flush=True)
+
+
+def collect(mid: str, pairs=PAIRS) -> dict:
+    """The calibration table of ``mid`` from its runs' reports."""
+    from milestones import load
+    m = load(mid)
+    runs = []
+    for seed, world in pairs:
+        path = run_folder(mid, seed, world) / mid / "report.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        runs.append({"seed": seed, "world_seed": world, "status": r["status"], "commit": r["provenance"]["git"]["commit"],
+                     "dirty": r["provenance"]["git"]["dirty"], "wall_time_s": r["provenance"]["wall_time_s"],
+                     "gates": {g["gate"]: g["value"] for g in r["gates"]},
+                     "controls": [{"control": c["control"], "gate": c["gate"], "value": c["value"]}
+                                  for c in r.get("controls", [])]})
+        dest = RESULTS / "runs" / mid / f"s{seed}-w{world}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("report.json", "report.md"):
+            shutil.copy2(path.parent / name, dest / name)
+    gates = []
+    for g in m.all_gates():
+        honest = [r["gates"].get(g.key) for r in runs if r["gates"].get(g.key) is not None]
+        controls = [c["value"] for r in runs for c in r["controls"] if c["gate"] == g.key and c["value"] is not None]
+        threshold = m.thresholds["quick"].get(g.key)
+        row = {"gate": g.key, "direction": g.direction, "threshold": threshold, "honest": honest, "controls": controls}
+        if honest and controls:
+            sign = 1 if g.direction == ">" else -1
+            worst = min(honest, key=lambda v: sign * v)
+            best_control = max(controls, key=lambda v: sign * v)
+            gap = sign * (worst - best_control)
+            row.update(worst_honest=worst, best_control=best_control, gap=gap,
+                       suggested=worst - sign * MARGIN * gap if gap > 0 else None,
+                       separated=gap > 0)
+            if threshold is not None:
+                row.update(margin_below_worst=sign * (worst - threshold), margin_above_control=sign * (threshold - best_control),
+                           threshold_ok=sign * (worst - threshold) > 0 and sign * (threshold - best_control) > 0)
+        gates.append(row)
+    return {"milestone": mid, "pairs": [list(p) for p in pairs], "margin_rule": MARGIN, "runs": runs, "gates": gates}
+
+
+def to_markdown(table: dict) -> str:
+    def f(v):
+        return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    runs = table["runs"]
+    out = [f"# Calibration of {table['milestone']} (quick profile)", "",
+           f"Made by `python -m benchmarks.calibrate {table['milestone']}`: {len(runs)} honest runs, training seed and "
+           f"world seed both varied; every control measured in each run with its gate's protocol. Rule: a threshold "
+           f"lies between the best control and the worst honest run, at least {MARGIN:.0%} of that gap below the "
+           f"worst honest run (the 'suggested' column).", "",
+           "| run (seed, world seed) | status | commit | wall time |", "|---|---|---|---|"]
+    out += [f"| ({r['seed']}, {r['world_seed']}) | {r['status']} | `{r['commit'][:12]}`{' (dirty)' if r['dirty'] else ''} | "
+            f"{r['wall_time_s']:.0f} s |" for r in runs]
+    out += ["", "| gate | honest runs | controls (all runs) | worst honest | best control | threshold | suggested | "
+            "threshold between them |", "|---|---|---|---|---|---|---|---|"]
+    for g in table["gates"]:
+        out.append(f"| {g['gate']} ({g['direction']}) | {', '.join(map(f, g['honest']))} | "
+                   f"{', '.join(map(f, g['controls']))} | {f(g.get('worst_honest'))} | {f(g.get('best_control'))} | "
+                   f"{f(g['threshold'])} | {f(g.get('suggested'))} | "
+                   f"{'yes' if g.get('threshold_ok') else 'NO' if 'threshold_ok' in g else 'n/a'} |")
+    out += ["", "Per run and control:", "", "| run | control | gate | value |", "|---|---|---|---|"]
+    out += [f"| ({r['seed']}, {r['world_seed']}) | {c['control']} | {c['gate']} | {f(c['value'])} |"
+            for r in runs for c in r["controls"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("milestones", nargs="+")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--collect-only", action="store_true", help="only rebuild the tables from existing runs")
+    args = p.parse_args(argv)
+    if not args.collect_only:
+        run_all([(mid, s, w) for mid in args.milestones for s, w in PAIRS], args.jobs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for mid in args.milestones:
+        table = collect(mid)
+        (RESULTS / f"{mid}.json").write_text(json.dumps(table, indent=2))
+        (RESULTS / f"{mid}.md").write_text(to_markdown(table))
+        print(to_markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The grader's trust machinery (issue "Gates an auditor can trust"): controls that must fail,
+pitfalls named beside failing gates, pending gates, provenance of the tree, the environment and
+every segment of a run. Constructed inputs with known answers; no training."""
+
+import argparse
+import json
+import subprocess
+
+import pytest
+
+from grader.report import git_state, record_segment, run_environment, to_junit, to_markdown
+from grader.run import verdict
+from milestones import available, load
+from milestones.base import Control, Gate, Milestone, Pitfall, RunResult
+
+GATE = Gate("acc", "accuracy on constructed data")
+TESTS_OK = {"passed": True, "summary": "1 passed"}
+
+
+class Toy(Milestone):
+    id, title = "toy", "a toy milestone"
+    gates = (GATE,)
+    thresholds = {"quick": {"acc": 0.5}}
+    controls = (Control("untrained model", "fresh init", ("acc",)), Control("constant output", "class 0", ("acc",)))
+    pitfalls = (Pitfall("loss flat after warm-up", ("acc",), "loss_drop", lambda v: v < 0.05,
+                        "the loss fell by {value:.0%} after warm-up"),
+                Pitfall("attention uniform", ("acc",), "entropy", lambda v: v > 0.98, "entropy {value:.3f}"))
+
+
+def rows_of(result: RunResult):
+    toy = Toy()
+    rows = toy.verdicts(result, "quick")
+    toy.diagnose(rows, result)
+    return rows, toy.control_rows(result, "quick")
+
+
+def test_controls_that_fail_their_gate_let_the_grade_pass():
+    result = RunResult(metrics={"acc": 0.9}, controls={"untrained model": {"acc": 0.1}, "constant output": {"acc": 0.1}})
+    rows, controls = rows_of(result)
+    v = verdict(TESTS_OK, result, rows, controls, require_human=False)
+    assert v["status"] == "pass" and v["failures"] == [] and all(c["passed"] for c in controls)
+
+
+def test_a_control_that_clears_its_gate_fails_the_grade():
+    result = RunResult(metrics={"acc": 0.9}, controls={"untrained model": {"acc": 0.1}, "constant output": {"acc": 0.6}})
+    rows, controls = rows_of(result)
+    v = verdict(TESTS_OK, result, rows, controls, require_human=False)
+    assert v["status"] == "fail"
+    assert any("acc cannot fail" in f and "constant output" in f for f in v["failures"])
+    assert [c["status"] for c in controls] == ["fails, as it must", "cleared the gate"]
+
+
+def test_a_declared_control_not_measured_fails_the_grade():
+    result = RunResult(metrics={"acc": 0.9}, controls={"untrained model": {"acc": 0.1}})
+    rows, controls = rows_of(result)
+    v = verdict(TESTS_OK, result, rows, controls, require_human=False)
+    assert v["status"] == "fail" and any("constant output" in f and "not measured" in f for f in v["failures"])
+
+
+def test_failing_gate_names_the_pitfall_its_symptom_shows():
+    result = RunResult(metrics={"acc": 0.2}, symptoms={"loss_drop": 0.01, "entropy": 0.5})
+    rows, _ = rows_of(result)
+    assert [p["pitfall"] for p in rows[0]["likely_pitfalls"]] == ["loss flat after warm-up"]
+    assert "fell by 1%" in rows[0]["likely_pitfalls"][0]["explain"]
+    # a passing gate gets no diagnosis, and a symptom that was not measured diagnoses nothing
+    assert "likely_pitfalls" not in rows_of(RunResult(metrics={"acc": 0.9}, symptoms={"loss_drop": 0.0}))[0][0]
+    assert "likely_pitfalls" not in rows_of(RunResult(metrics={"acc": 0.2}))[0][0]
+
+
+def test_pending_gate_passes_as_pending_and_fails_with_require_human():
+    human = Gate("human", "a person says so")
+    rows = [GATE.row(0.9, 0.5), human.row(None, 0.7, pending="no answers recorded")]
+    assert rows[1]["status"] == "pending" and not rows[1]["passed"]
+    result = RunResult(metrics={"acc": 0.9})
+    v = verdict(TESTS_OK, result, rows, [], require_human=False)
+    assert v["status"] == "pass" and v["headline"] == "pass — human evaluation pending" and v["pending"] == ["human"]
+    strict = verdict(TESTS_OK, result, rows, [], require_human=True)
+    assert strict["status"] == "fail" and "--require-human" in strict["failures"][0]
+    report = {"milestone": "toy", "title": "t", "profile": "quick", "gates": rows, "controls": [], "tests": TESTS_OK,
+              "criteria": [], **v, "provenance": {"wall_time_s": 1.0}}
+    xml = to_junit(report)
+    assert 'skipped="1"' in xml and "<skipped message=" in xml and 'failures="0"' in xml
+
+
+def test_every_gate_of_every_milestone_has_a_control():
+    """A gate without a control that must fail it cannot be shown to be able to fail."""
+    missing = []
+    for mid in available():
+        m = load(mid)
+        covered = {g for c in m.controls for g in c.gates}
+        for g in m.gates:
+            if g.key not in covered:
+                missing.append(f"{mid}:{g.key}")
+    assert not missing, f"gates without a control: {missing}"
+
+
+def test_controls_name_only_gates_of_their_milestone():
+    for mid in available():
+        m = load(mid)
+        keys = {g.key for g in m.all_gates()}
+        for c in m.controls:
+            assert set(c.gates) <= keys, (mid, c.name, c.gates)
+
+
+def test_git_state_lists_untracked_files(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("a")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "a.txt"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "a"],
+                   check=True)
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "new.py").write_text("x = 1")
+    state = git_state(tmp_path)
+    assert state["dirty"] is True and state["untracked"] == ["new.py"] and state["changed"] == []
+    (tmp_path / "a.txt").write_text("b")
+    assert git_state(tmp_path)["changed"] == ["a.txt"]
+
+
+def test_environment_and_every_segment_are_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MMSYS_SOMETHING", "x")
+    monkeypatch.setenv("HOME_NOT_RECORDED", "y")
+    env = run_environment()
+    assert env["OMP_NUM_THREADS"] == "1" and env["MMSYS_SOMETHING"] == "x" and "HOME_NOT_RECORDED" not in env
+    git = {"commit": "abc", "dirty": False}
+    first = record_segment(tmp_path, git, argparse.Namespace(resume=False))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    segments = record_segment(tmp_path, {"commit": "def", "dirty": True}, argparse.Namespace(resume=True))
+    assert len(first) == 1 and len(segments) == 2
+    assert [s["commit"] for s in segments] == ["abc", "def"] and segments[1]["resume"] is True
+    assert [s["environment"]["OMP_NUM_THREADS"] for s in segments] == ["1", "2"]
+
+
+def test_markdown_shows_controls_pitfalls_and_segments():
+    result = RunResult(metrics={"acc": 0.2}, controls={"untrained model": {"acc": 0.3}, "constant output": {"acc": 0.1}},
+                       symptoms={"loss_drop": 0.0})
+    rows, controls = rows_of(result)
+    v = verdict(TESTS_OK, result, rows, controls, require_human=False)
+    report = {"milestone": "toy", "title": "t", "profile": "quick", "gates": rows, "controls": controls,
+              "tests": TESTS_OK, "criteria": [], **v, "error": None,
+              "provenance": {"seed": 0, "git": {"commit": "abc" * 5, "dirty": True, "changed": [], "untracked": ["x.py"]},
+                             "wall_time_s": 1.0, "device": {"device": "cpu"}, "command": "python grader.py toy",
+                             "environment": {"OMP_NUM_THREADS": "1"}, "network": {"statement": "offline"},
+                             "libraries": {}, "segments": [{"started_utc": "T0", "command": "c1", "commit": "abc"},
+                                                           {"started_utc": "T1", "command": "c2", "commit": "def"}]}}
+    md = to_markdown(report)
+    assert "## Controls (each must fail its gate)" in md and "fails, as it must" in md
+    assert "loss flat after warm-up" in md and "untracked: x.py" in md and "OMP_NUM_THREADS=1" in md
+    assert "segment 1" in md and "segment 2" in md and "`c2`" in md
+
+
+@pytest.mark.parametrize("argv", [["regrade", "--jobs", "0"]])
+def test_regrade_refuses_bad_options_or_a_dirty_tree(argv):
+    """regrade refuses a dirty tree or bad options with one line, exit 2 (this checkout may be
+    either: both are refusals before any grading)."""
+    from grader.cli import main
+    assert main(argv) == 2
+
+
+def test_verify_recomputes_status_from_controls():
+    from grader.verify import compare
+
+    class M:
+        thresholds = Toy.thresholds
+
+        @staticmethod
+        def all_gates():
+            return Toy.gates
+    result = RunResult(metrics={"acc": 0.9}, controls={"untrained model": {"acc": 0.1}, "constant output": {"acc": 0.7}})
+    rows, controls = rows_of(result)
+    report = {"profile": "quick", "thresholds": Toy.thresholds["quick"], "gates": rows, "controls": controls,
+              "datasets": [], "tests": TESTS_OK, "status": "pass", "provenance": {}}
+    lines, problems = compare(report, rows, [], M, 1e-3, controls)
+    assert any("does not follow" in p for p in problems)  # a control cleared its gate: "pass" is a lie
+    assert len(lines) == 3 and all(line["agree"] for line in lines)
+    report["status"] = "fail"
+    assert not compare(json.loads(json.dumps(report)), rows, [], M, 1e-3, controls)[1]
+
+
+def test_calibration_table_from_runs(tmp_path, monkeypatch):
+    """benchmarks.calibrate: worst honest run, best control, the margins of the threshold in
+    force and the suggestion, from three reports (constructed)."""
+    import benchmarks.calibrate as cal
+    monkeypatch.setattr(cal, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(cal, "RESULTS", tmp_path / "results")
+    for (seed, world), acc, ctrl in zip(cal.PAIRS, (0.95, 0.93, 0.96), (0.10, 0.12, 0.11)):
+        folder = cal.run_folder("m1", seed, world) / "m1"
+        folder.mkdir(parents=True)
+        report = {"status": "pass", "gates": [{"gate": "test_accuracy", "value": acc}],
+                  "controls": [{"control": "untrained model", "gate": "test_accuracy", "value": ctrl}],
+                  "provenance": {"git": {"commit": "c" * 40, "dirty": False}, "wall_time_s": 100.0}}
+        (folder / "report.json").write_text(json.dumps(report))
+        (folder / "report.md").write_text("# report")
+    table = cal.collect("m1")
+    row = next(g for g in table["gates"] if g["gate"] == "test_accuracy")
+    assert row["worst_honest"] == 0.93 and row["best_control"] == 0.12 and row["separated"]
+    assert row["suggested"] == pytest.approx(0.93 - cal.MARGIN * (0.93 - 0.12))
+    threshold = load("m1").thresholds["quick"]["test_accuracy"]
+    assert row["threshold_ok"] == (0.12 < threshold < 0.93)
+    md = cal.to_markdown(table)
+    assert "| (2, 2) | untrained model | test_accuracy | 0.11 |" in md
+    assert (tmp_path / "results" / "runs" / "m1" / "s1-w1" / "report.json").exists()
+
+
+def test_criteria_proved_by_slow_tests_are_not_claimed(tmp_path, monkeypatch):
+    """A criterion whose proof is a slow test (not run at grading) is reported as not claimed;
+    one proved by a fast test or a gate stays claimed; --skip-tests claims no test proof."""
+    from types import SimpleNamespace
+
+    import grader.run
+    from grader.run import criteria_rows, slow_tests
+    from milestones.base import Criterion
+    monkeypatch.setattr(grader.run, "REPO", tmp_path)  # a checkout holding only this test file
+    test_file = tmp_path / "test_toy_proofs.py"
+    test_file.write_text("import pytest\npytestmark = pytest.mark.m1\n\n"
+                         "def test_fast():\n    assert 1\n\n"
+                         "@pytest.mark.slow\ndef test_slow():\n    assert 1\n")
+    toy = SimpleNamespace(marker="m1", test_files=(test_file.name,), criteria=())
+    assert slow_tests(toy) == ["test_toy_proofs.py::test_slow"]
+    file_id, slow_id = "test_toy_proofs.py", "test_toy_proofs.py::test_slow"
+    toy.criteria = (Criterion("fast", f"test:{file_id}::test_fast"), Criterion("slow", f"test:{slow_id}"),
+                    Criterion("whole file", f"test:{file_id}"), Criterion("gate", "gate:acc"))
+    rows = criteria_rows(toy, {"passed": True})
+    assert [r["claimed"] for r in rows] == [True, False, False, True]
+    assert "python -m pytest -m slow" in rows[1]["not_claimed"]
+    rows = criteria_rows(toy, {"passed": False, "skipped": True})
+    assert [r["claimed"] for r in rows] == [False, False, False, True]
