@@ -158,8 +158,10 @@ def grade(mid: str, args: argparse.Namespace, impl: dict) -> int:
     created = out_dir  # the topmost folder this run creates (None: the run folder exists already)
     while not created.parent.exists():
         created = created.parent
+    segments, segments_before = out_dir / "segments.jsonl", None
     if out_dir.exists():
         created, before = None, set(out_dir.iterdir())
+        segments_before = segments.read_bytes() if segments.exists() else None
     try:
         return _grade_into(mid, args, impl, out_dir)
     except Exception as e:
@@ -169,6 +171,8 @@ def grade(mid: str, args: argparse.Namespace, impl: dict) -> int:
             else:
                 for entry in set(out_dir.iterdir()) - before:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                if segments_before is not None:  # the segment this run appended: taken back
+                    segments.write_bytes(segments_before)
         raise
 
 
