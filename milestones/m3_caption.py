@@ -31,9 +31,12 @@ from milestones.common import (config_errors, data_root, load_into, read_checkpo
 # quick: raised from the issue's 0.30 / 0.80. On the world, one constant caption for every image
 # ("a picture of a large purple heart at the bottom") already scores BLEU-4 0.28 / CIDEr-D 0.49,
 # so 0.30 would barely separate a blind model; the recipe measures about 0.54 / 3.2 (beam 3), and
-# the canonical caption of each scene (an oracle) 0.86 / 5.5.
+# the canonical caption of each scene (an oracle) 0.86 / 5.5. The controls measured in every run
+# (CONTROLS; the strongest is shuffled captions, about 0.28 / 0.5) must stay below them.
+# Provisional: calibrated by benchmarks/calibrate.py (3 runs, training seed x world seed; the gates'
+# space and protocol are unchanged by issue 23, so these stay until that table sets them).
 THRESHOLDS = {
-    "quick": {"BLEU-4": 0.45, "CIDEr": 2.0},
+    "quick": {"BLEU-4": 0.45, "CIDEr": 2.0},  # provisional: calibrated by benchmarks/calibrate.py
     "full": {"BLEU-4": 0.30, "CIDEr": 0.80},  # COCO Karpathy-style test split (the spec)
 }
 
