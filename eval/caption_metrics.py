@@ -187,12 +187,13 @@ def _meteor(gts: dict, res: dict, timeout: float) -> float:
 
 # --------------------------------------------------------------------------- SPICE
 def spice_missing_reason() -> str | None:
-    """Why SPICE cannot run offline (its CoreNLP jars are absent), or None if they are present."""
+    """Why SPICE cannot run offline ("needs the Stanford CoreNLP 3.6.0 jars ..."), or None when
+    its jars are present."""
     lib = pycocoevalcap_dir() / "spice" / "lib"
     missing = [j for j in SPICE_JARS if not (lib / j).is_file()]
     if missing:
-        return (f"Stanford CoreNLP jars not found in {lib} ({', '.join(missing)}); pycocoevalcap "
-                "would download them and we never download")
+        return (f"needs the Stanford CoreNLP 3.6.0 jars {', '.join(missing)} in {lib}; pycocoevalcap "
+                "would download them and the grader never downloads")
     return None
 
 
@@ -287,7 +288,7 @@ def score_captions(predictions, references, metrics=ALL_METRICS, meteor_timeout:
             try:
                 out["SPICE"] = _spice(gts_tok, res_tok)
             except Exception as e:  # noqa: BLE001
-                reason = f"SPICE failed: {type(e).__name__}: {e}"
+                reason = f"SPICE failed (SPICE 1.0 is known to need Java 8): {type(e).__name__}: {e}"
         if reason is not None:
             skipped["SPICE"] = reason
     out["skipped"] = skipped

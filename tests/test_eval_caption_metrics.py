@@ -13,6 +13,8 @@ import pytest
 from eval import caption_metrics
 from eval.caption_metrics import JavaMissingError, score_captions
 
+pytestmark = pytest.mark.m3  # graded with m3 (its criterion "metric wrapper ..." cites this file)
+
 needs_java = pytest.mark.skipif(not caption_metrics.java_available(),
                                 reason="no Java runtime (apt-get install -y default-jre-headless)")
 FAST = ("BLEU", "ROUGE_L", "CIDEr")
@@ -96,7 +98,7 @@ def test_regression_three_images_all_metrics(monkeypatch):
         assert r[k] == pytest.approx(v, rel=1e-9), k
     assert r["METEOR"] == pytest.approx(0.30622927190774435, abs=1e-6)
     if caption_metrics.spice_missing_reason():
-        assert "SPICE" not in r and "CoreNLP" in r["skipped"]["SPICE"]
+        assert "SPICE" not in r and r["skipped"]["SPICE"].startswith("needs the Stanford CoreNLP 3.6.0 jars")
     # a second call reuses the METEOR JVM; identical caption -> METEOR exactly 1
     scorer = caption_metrics.meteor_scorer()
     r2 = score_captions(["a b c d e f"], [["a b c d e f"]], metrics=("METEOR",))

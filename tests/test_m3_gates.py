@@ -1,10 +1,13 @@
 """m3 gate honesty: BLEU-4 and CIDEr-D (beam search, the real quick-profile thresholds) fail for an
-untrained captioner and for two planted bugs — the causal mask removed during training (the
-decoder learns to copy the next token it is shown, useless when it must generate) and the image
-cut off (the decoder never sees what is in it) — and the COCO path runs end to end on real images
-and references when the shared coco-mini folder is present.
+untrained captioner, for the run's controls (untrained model, shuffled captions, constant output:
+:func:`milestones.m3_caption.measure_controls`, as run() measures them) and for planted bugs — the
+causal mask removed (the decoder learns to copy the next token it is shown, useless when it must
+generate), the image cut off (the decoder never sees what is in it), learning rate 0 — each of
+which the run's symptoms (:func:`milestones.m3_caption.measure_symptoms`) name as the likely
+pitfall beside the failing gates, while an honest run shows none. The COCO path runs end to end
+on real images and references when the shared coco-mini folder is present.
 
-The bugs are planted through the seam (an :class:`Implementation` whose loss drops the mask, or
+The bugs are planted through the seam (an :class:`Implementation` whose decoder drops the mask, or
 whose model is only ever shown blank images), so they hold for any implementation graded.
 The bug runs are short (60 steps of 32 pairs). With the full quick recipe (600 steps, measured once,
 see the README's m3 section) the bugs gave: causal mask removed, BLEU-4 0.000 / CIDEr-D 0.001 ("one
@@ -24,9 +27,11 @@ from eval.reference.data.paths import shared_data_root
 from eval.reference.data.world import make_split
 from milestones.adapters import CANDIDATE as impl
 from milestones.adapters import Implementation
-from milestones.base import RunContext
+from eval.caption_controls import most_frequent_caption, shuffled
+from milestones.base import RunContext, RunResult
 from milestones.common import to_float
-from milestones.m3_caption import MILESTONE, RECIPES, THRESHOLDS, caption_images, decoding, train
+from milestones.m3_caption import (MILESTONE, RECIPES, THRESHOLDS, caption_images, decoding, measure_controls,
+                                   measure_symptoms, train)
 
 pytestmark = [pytest.mark.m3, pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not java_available(), reason="caption metrics need Java (PTB tokenizer)")]
@@ -37,10 +42,14 @@ RECIPE = replace(RECIPES["quick"], n_train=1024, n_test=200, steps=60, batch_siz
 
 
 class NoCausalMask(Implementation):
-    """Planted bug: training's teacher-forcing loss runs the decoder without its causal mask."""
+    """Planted bug: the decoder has no causal mask (teacher-forcing loss and logits; incremental
+    decoding never shows it future tokens anyway)."""
 
     def captioner_loss(self, model, images, ids, pad_mask, causal=True):
         return super().captioner_loss(model, images, ids, pad_mask, causal=False)
+
+    def captioner_logits(self, model, images, ids, pad_mask=None, causal=True):
+        return super().captioner_logits(model, images, ids, pad_mask, causal=False)
 
 
 class Blind(Implementation):
@@ -53,10 +62,31 @@ class Blind(Implementation):
     def captioner_beam_search(self, model, images, *args, **kwargs):
         return super().captioner_beam_search(model, torch.zeros_like(images), *args, **kwargs)
 
+    def captioner_logits(self, model, images, ids, pad_mask=None, causal=True):
+        return super().captioner_logits(model, torch.zeros_like(images), ids, pad_mask, causal)
+
 
 @pytest.fixture(scope="module")
 def world():
     return make_split("train", RECIPE.n_train), make_split("test", RECIPE.n_test)
+
+
+@pytest.fixture(scope="module")
+def honest(world, tmp_path_factory):
+    """The honest implementation on the short recipe: (model, tokenizer, config, summary)."""
+    return train(RECIPE, world[0], RunContext(out_dir=tmp_path_factory.mktemp("honest"), progress=False), impl)
+
+
+def diagnosed(run, test, bleu4, cider, bug=impl, recipe=RECIPE) -> tuple[set, dict]:
+    """The pitfalls the grader names beside the gate rows of ``run`` (model, tok, config, summary)
+    whose gates scored ``bleu4`` / ``cider``, from the symptoms run() measures; and those symptoms."""
+    model, tok, cfg, summary = run
+    symptoms, missing = measure_symptoms(model, tok, test, cfg["max_len"], summary, recipe, bug)
+    assert not missing and set(symptoms) == {p.symptom for p in MILESTONE.pitfalls}
+    result = RunResult(metrics={"BLEU-4": bleu4, "CIDEr": cider}, symptoms=symptoms)
+    rows = MILESTONE.verdicts(result, "quick")
+    MILESTONE.diagnose(rows, result)
+    return {p["pitfall"] for r in rows for p in r.get("likely_pitfalls", [])}, symptoms
 
 
 def gate_scores(model, tok, test, bug=impl):
@@ -78,8 +108,38 @@ def test_untrained_model_fails(world):
     assert_fails(*gate_scores(model, tok, test)[:2])
 
 
-def test_causal_mask_removed_in_training_fails(world, tmp_path):
-    model, tok, cfg, _ = train(RECIPE, world[0], RunContext(out_dir=tmp_path, progress=False), NoCausalMask("mmsys"))
+def test_controls_fail_both_gates(world, honest):
+    """The three controls, measured as run() measures them, each fail both quick gates."""
+    model, tok, cfg, _ = honest
+    test = world[1]
+    caps = gate_scores(model, tok, test)[2]
+    values, info = measure_controls(cfg, tok, test, caps, world[0].captions, RECIPE, RunContext(progress=False))
+    assert set(values) == {c.name for c in MILESTONE.controls}
+    rows = MILESTONE.control_rows(RunResult(metrics={}, controls=values), "quick")
+    assert len(rows) == 6 and all(r["passed"] and not r["cleared"] for r in rows), rows
+    assert set(info["samples"]["constant output"]) == {info["constant_caption"]}
+
+
+def test_control_captions():
+    caps = [f"caption {i}" for i in range(50)]
+    out = shuffled(caps, seed=3)
+    assert sorted(out) == sorted(caps) and all(a != b for a, b in zip(out, caps))  # a derangement
+    assert shuffled(caps, seed=3) == out  # seeded
+    assert most_frequent_caption([["a b", "c"], ["c", "d"], ["a b", "c"]]) == ("c", 3)
+
+
+def test_honest_run_shows_no_pitfall(world, honest):
+    """Even beside failing gates (this run is short), an honest run's symptoms name no pitfall."""
+    found, symptoms = diagnosed(honest, world[1], 0.0, 0.0)
+    assert found == set(), symptoms
+    assert symptoms["future_token_leak"] < 1e-4 and symptoms["image_sensitivity"] > 1e-2
+    assert symptoms["loss_drop_after_warmup"] > 0.3
+
+
+def test_causal_mask_removed_fails_and_is_diagnosed(world, tmp_path):
+    bug = NoCausalMask("mmsys")
+    run = train(RECIPE, world[0], RunContext(out_dir=tmp_path, progress=False), bug)
+    model, tok, cfg, _ = run
     # teacher forcing without the mask is easy (each position reads the token it must predict) ...
     test = world[1]
     ids, _ = impl.caption_encode_sets(tok, test.captions[:64], cfg["max_len"])
@@ -88,15 +148,32 @@ def test_causal_mask_removed_in_training_fails(world, tmp_path):
         unmasked, masked = (impl.captioner_loss(model, x, ids, pad, causal=c).item() for c in (False, True))
     assert unmasked < 0.5 * masked, (unmasked, masked)
     # ... but generation, which cannot see the future, is useless
-    assert_fails(*gate_scores(model, tok, test)[:2])
+    bleu4, cider, _ = gate_scores(model, tok, test, bug)
+    assert_fails(bleu4, cider)
+    # and the report names the pitfall: later tokens move earlier logits
+    found, symptoms = diagnosed(run, test, bleu4, cider, bug)
+    assert found == {"caption decoder sees future tokens"}, symptoms
 
 
-def test_image_cut_fails(world, tmp_path):
+def test_image_cut_fails_and_is_diagnosed(world, tmp_path):
     blind = Blind("mmsys")
-    model, tok, _, _ = train(RECIPE, world[0], RunContext(out_dir=tmp_path, progress=False), blind)
-    bleu4, cider, caps = gate_scores(model, tok, world[1], blind)
+    run = train(RECIPE, world[0], RunContext(out_dir=tmp_path, progress=False), blind)
+    bleu4, cider, caps = gate_scores(run[0], run[1], world[1], blind)
     assert len(set(caps)) == 1  # blind: one caption for every image
     assert_fails(bleu4, cider)
+    found, symptoms = diagnosed(run, world[1], bleu4, cider, blind)
+    assert found == {"cross-attention ignores the image"}, symptoms
+
+
+def test_learning_rate_zero_fails_and_is_diagnosed(world, tmp_path):
+    """lr 0 on a tiny captioner: the loss stays flat after warm-up, and the report says so."""
+    tiny = dict(RECIPE.model, enc_dim=32, enc_depth=1, enc_heads=2, dim=32, depth=1, n_heads=2)
+    recipe = replace(RECIPE, model=tiny, lr=0.0, steps=40, batch_size=16)
+    run = train(recipe, world[0], RunContext(out_dir=tmp_path, progress=False), impl)
+    bleu4, cider, _ = gate_scores(run[0], run[1], world[1])
+    assert_fails(bleu4, cider)
+    found, symptoms = diagnosed(run, world[1], bleu4, cider, recipe=recipe)
+    assert found == {"loss flat after warm-up"}, symptoms
 
 
 COCO_MINI = shared_data_root() / "coco-mini" if shared_data_root() else None
@@ -116,5 +193,10 @@ def test_coco_mini_end_to_end(tmp_path):
                 "greedy_BLEU-4", "greedy_CIDEr"):
         assert 0.0 <= result.metrics[key] <= (10.0 if "CIDEr" in key else 1.0), key
     assert "SPICE" in result.info["skipped"]
+    assert result.metrics["SPICE"].startswith("not run (needs ")  # a skipped metric says so in the report
+    # every run measures the controls and the pitfalls' symptoms
+    assert set(result.controls) == {c.name for c in MILESTONE.controls}
+    assert all(set(v) == {"BLEU-4", "CIDEr"} for v in result.controls.values())
+    assert set(result.symptoms) == {p.symptom for p in MILESTONE.pitfalls}
     assert (tmp_path / "checkpoint.pt").is_file() and all(Path(f).is_file() for f in result.figures)
     assert result.info["training"]["steps"] == MILESTONE.smoke_recipes["full"].steps
