@@ -69,6 +69,9 @@ def criteria_rows(milestone, tests: dict) -> list[dict]:
             skipped = [n for n in slow if n == target or n.startswith(target + "::") or n.startswith(target + "[")]
             if tests.get("skipped"):
                 row.update(claimed=False, not_claimed="the shape tests were skipped (--skip-tests)")
+            elif target.split("::")[0] not in milestone.test_files:
+                row.update(claimed=False, not_claimed=f"{target.split('::')[0]} is not among the shape tests the "
+                           f"grader runs ({', '.join(milestone.test_files)})")
             elif skipped:
                 row.update(claimed=False, not_claimed=f"its slow test(s) are not run at grading: "
                            f"{', '.join(skipped)}; run them with `python -m pytest -m slow {target}`")

@@ -222,6 +222,25 @@ def test_criteria_proved_by_slow_tests_are_not_claimed(tmp_path, monkeypatch):
                     Criterion("whole file", f"test:{file_id}"), Criterion("gate", "gate:acc"))
     rows = criteria_rows(toy, {"passed": True})
     assert [r["claimed"] for r in rows] == [True, False, False, True]
+    toy.criteria += (Criterion("elsewhere", "test:tests/test_other.py::test_x"),)
+    assert criteria_rows(toy, {"passed": True})[-1]["claimed"] is False  # a file the grader does not run
     assert "python -m pytest -m slow" in rows[1]["not_claimed"]
     rows = criteria_rows(toy, {"passed": False, "skipped": True})
-    assert [r["claimed"] for r in rows] == [False, False, False, True]
+    assert [r["claimed"] for r in rows] == [False, False, False, True, False]
+
+
+def test_every_criterion_proof_is_a_graded_test_file_or_a_gate():
+    """A criterion must cite a test file the grader runs for that milestone, or one of its gates."""
+    bad = []
+    for mid in available():
+        m = load(mid)
+        gates = {g.key for g in m.all_gates()}
+        for c in m.criteria:
+            kind, _, target = c.proof.partition(":")
+            if kind == "test" and target.split("::")[0] not in m.test_files:
+                bad.append(f"{mid}: {c.proof}")
+            elif kind == "gate" and target not in gates:
+                bad.append(f"{mid}: {c.proof}")
+            elif kind not in ("test", "gate"):
+                bad.append(f"{mid}: {c.proof}")
+    assert not bad, bad
