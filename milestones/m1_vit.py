@@ -369,7 +369,9 @@ class M1(Milestone):
         Criterion("test accuracy clears the profile's threshold", "gate:test_accuracy"),
     )
     gates = (Gate("test_accuracy", "top-1 accuracy on the test split (world: 2,000 single-object "
-                  "scenes, 10 shape classes; full: CIFAR-10 test, 10,000 images)"),)
+                  "scenes, 10 shape classes; full: CIFAR-10 test, 10,000 images), measured once per "
+                  "recipe; recipes are chosen on val_accuracy (world: its 2,000-image val split; "
+                  "full: 5,000 CIFAR-10 training images held out, 500 per class)"),)
     controls = (
         Control("untrained model", "the candidate's ViT from its own builder and the recipe's config, "
                 "initialised from seed + 1000 and never trained; every image of the gate's test split",
