@@ -92,15 +92,20 @@ def test_resume_refuses_a_changed_augmentation(data, tmp_path: Path):
     assert summary["start_step"] == 4 and summary["steps"] == 6
 
 
-def test_train_accuracy_reads_the_first_images_unaugmented(data):
+def test_train_accuracy_reads_a_subset_across_the_split_unaugmented(data):
     """The report's training accuracy (the overfitting gap beside the gate) is plain top-1 accuracy
-    on the first n training images, and clips n to the split."""
+    on n training images drawn across the whole split (not its first n: a class-sorted tree
+    would give one class), the same subset every time, and clips n to the split."""
     torch.manual_seed(0)
     model, train = impl.vit_build(TINY.model), data[0]
-    preds = m1.predict(model, train.images[:300]).argmax(-1)
+    preds = m1.predict(model, train.images).argmax(-1)
     got = m1.train_accuracy(model, train, n=300)
-    assert got == {"accuracy": (preds == train.labels[:300]).double().mean().item(), "images": 300}
-    assert m1.train_accuracy(model, train, n=10**6)["images"] == len(train)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:300]
+    assert got["images"] == 300 and got == m1.train_accuracy(model, train, n=300)
+    assert got["accuracy"] == pytest.approx((preds[idx] == train.labels[idx]).double().mean().item())
+    assert idx.max() >= 300  # not the first 300
+    whole = m1.train_accuracy(model, train, n=10**6)
+    assert whole["images"] == len(train) and whole["accuracy"] == pytest.approx((preds == train.labels).double().mean().item())
 
 
 # ------------------------------------------------------------------ controls (run() measures them)
