@@ -139,8 +139,9 @@ def image_to_image_topk(emb: torch.Tensor, labels: torch.Tensor, ks=(1, 5, 10),
     """Image -> image retrieval precision@K with relevance = same label, query excluded.
 
     Each image queries all *other* images; precision@K is the fraction of its K nearest
-    neighbours (by cosine) sharing its label, averaged over queries. Ties are broken by gallery
-    index (stable sort). Needs ``max(ks) <= N - 1``.
+    neighbours (by cosine) sharing its label, averaged over queries. Ties are pessimistic: among
+    equal similarities the images of another label rank first (then by gallery index), so a
+    collapsed model gets the precision of its worst ordering. Needs ``max(ks) <= N - 1``.
 
     Args:
         emb: ``(N, D)`` embeddings (normalised here).
@@ -158,8 +159,11 @@ def image_to_image_topk(emb: torch.Tensor, labels: torch.Tensor, ks=(1, 5, 10),
         sim = emb[i:i + chunk] @ emb.T                              # (q, N)
         rows = torch.arange(len(sim), device=emb.device)
         sim[rows, rows + i] = float("-inf")                         # exclude the query itself
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :kmax]
-        hits.append(labels[order] == labels[i:i + chunk, None])
+        rel = labels[None, :] == labels[i:i + chunk, None]          # (q, N) same label
+        # two stable sorts: by relevance (others first), then by similarity, so ties rank others first
+        pre = torch.sort(rel.to(torch.uint8), dim=1, stable=True).indices
+        order = pre.gather(1, torch.sort(sim.gather(1, pre), dim=1, descending=True, stable=True).indices[:, :kmax])
+        hits.append(rel.gather(1, order))
     hits = torch.cat(hits).double()
     out = {f"P@{k}": hits[:, :k].mean(dim=1).mean().item() for k in ks}
     out["n_queries"] = n

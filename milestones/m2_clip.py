@@ -22,22 +22,32 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from eval.clip_controls import GateEmbeddings
 from eval.clip_figures import figure_set
 from eval.probes import run_probes
 from eval.reference.data.world import (RGB, WorldConfig, canonical_caption, composition_classes,
                                        composition_label, scene_row)
 from eval.retrieval import image_to_image_topk, image_to_text_recall, text_to_image_recall, zero_shot_topk
 from milestones.adapters import CANDIDATE, Implementation
-from milestones.base import Criterion, Gate, Milestone, RunContext, RunResult
+from milestones.base import Criterion, Milestone, RunContext, RunResult
+from milestones.m2_checks import (CONTROLS, FULL_UNTRAINED_N, GATES, PITFALLS, measure_controls, measure_symptoms,
+                                  untrained_clip)
 from milestones.common import (DataMissingError, batched, config_errors, data_root, load_into, read_checkpoint,
                                train_config, world_split)
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
-    # issue: zero-shot top-5 > 0.60 and text->image R@10 > 0.50; raised to what a correct run clears
-    "quick": {"zeroshot_top5": 0.80, "t2i_R@10": 0.85},
-    # the spec: CIFAR-10 zero-shot top-5 > 60 %; COCO val2017 (5k images) text->image R@10 > 50 %
-    "full": {"zeroshot_top5": 0.60, "t2i_R@10": 0.50},
+    # issue: zero-shot top-5 > 0.60 and text->image R@10 > 0.50; raised to what a correct run clears.
+    # Chance: top-5 of 80 compositions 0.0625, top-1 0.0125; R@10 of 2,000 images 0.005.
+    # zeroshot_top1 (issue 23): provisional: calibrated by benchmarks/calibrate.py -- set at about
+    # half the one correct quick run measured (0.521, results/quick-ci-local/m2) and 20x chance.
+    "quick": {"zeroshot_top5": 0.80, "zeroshot_top1": 0.25, "t2i_R@10": 0.85},
+    # the spec: CIFAR-10 zero-shot top-5 > 60 %; COCO val2017 (5k images) text->image R@10 > 50 %.
+    # Chance: top-5 of CIFAR-10's 10 classes 0.50 (a constant embedding scores exactly that; an
+    # untrained full-size CLIP 0.4495), top-1 0.10; R@10 of 5,000 images 0.002.
+    # zeroshot_top1 (issue 23, not a spec number): provisional: calibrated by benchmarks/calibrate.py --
+    # 2x chance, 15 binomial standard deviations above it at 2,000 images; no full run measured yet.
+    "full": {"zeroshot_top5": 0.60, "zeroshot_top1": 0.20, "t2i_R@10": 0.50},
 }
 
 TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "there is a {}", "a small {}", "a large {}")
@@ -135,9 +145,14 @@ def world_image_keys(scenes: dict[str, torch.Tensor]) -> torch.Tensor:
                          for i in range(len(scenes["shape"]))])
 
 
+def clip_model_config(recipe: M2Recipe, tok) -> dict:
+    """The CLIP config dict of ``recipe`` with the tokenizer's vocabulary size."""
+    return {**recipe.model, "vocab_size": len(tok)}
+
+
 def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progress: bool = True,
                device: str = "cpu", on_init=None, extra: dict | None = None, *,
-               impl: Implementation = CANDIDATE):
+               impl: Implementation = CANDIDATE, log_every: int = 25):
     """Learn a tokenizer from ``train_split``'s captions and train ``impl``'s CLIP with its engine.
 
     Args:
@@ -148,11 +163,12 @@ def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progr
             a few items for the before/after figure).
         extra: more plain data for the checkpoint's ``extra`` (e.g. where the retrieval index lives).
         impl: the implementation trained (m5 trains its judge with ``REFERENCE``, the grader's own).
+        log_every: steps per logged point (the summary's ``loss_curve``).
     Returns:
         (model in eval mode, tokenizer, trainer summary + temperature and duplicate statistics).
     """
     tok = impl.tokenizer_train([c for cs in train_split.captions for c in cs], min_freq=recipe.min_freq)
-    model_config = {**recipe.model, "vocab_size": len(tok)}
+    model_config = clip_model_config(recipe, tok)
     torch.manual_seed(seed)
     model = impl.clip_build(model_config)
     scenes = train_split.meta.get("scenes")
@@ -167,7 +183,7 @@ def train_clip(recipe: M2Recipe, train_split, seed: int = 0, out_dir=None, progr
             batch.pop("image_key"), batch.pop("text_key")
         return batch
 
-    cfg = train_config(recipe, seed=seed, out_dir=out_dir, device=device, progress=progress, log_every=25)
+    cfg = train_config(recipe, seed=seed, out_dir=out_dir, device=device, progress=progress, log_every=log_every)
     extra = {"tokenizer": impl.tokenizer_state(tok), "train_data": train_split.name, **(extra or {})}
     trainer = impl.trainer(model, cfg, step_fn=impl.clip_train_step, data_size=len(pairs), get_batch=get_batch,
                            kind="clip", model_config=model_config, extra=extra)
@@ -197,20 +213,27 @@ def class_embeddings(model, tok, classnames: list[str], templates=TEMPLATES,
     return F.normalize(emb.mean(dim=0), dim=-1)
 
 
-def zero_shot(model, tok, image_emb, labels, classnames, impl: Implementation = CANDIDATE) -> dict[str, float]:
-    """Top-1/top-5 with the prompt ensemble and with the single prompt ``a photo of a {class}``."""
-    ens = zero_shot_topk(image_emb, class_embeddings(model, tok, classnames, impl=impl), labels)
+def zero_shot(model, tok, image_emb, labels, classnames, impl: Implementation = CANDIDATE
+              ) -> tuple[dict[str, float], torch.Tensor]:
+    """Top-1/top-5 with the prompt ensemble and with the single prompt ``a photo of a {class}``.
+    Returns (metrics, the ensemble classifier (C, E))."""
+    classifier = class_embeddings(model, tok, classnames, impl=impl)
+    ens = zero_shot_topk(image_emb, classifier, labels)
     one = zero_shot_topk(image_emb, class_embeddings(model, tok, classnames, (SINGLE_PROMPT,), impl), labels)
     return {"zeroshot_top1": ens["top1"], "zeroshot_top5": ens["top5"],
-            "zeroshot_single_prompt_top1": one["top1"], "zeroshot_single_prompt_top5": one["top5"]}
+            "zeroshot_single_prompt_top1": one["top1"], "zeroshot_single_prompt_top5": one["top5"]}, classifier
+
+
+def caption_queries(captions: list[list[str]]) -> tuple[list[str], torch.Tensor]:
+    """Every caption of every image as a query: (T texts, (T,) long index of each one's image)."""
+    return [c for cs in captions for c in cs], torch.tensor([i for i, cs in enumerate(captions) for _ in cs])
 
 
 def retrieval(model, tok, split, impl: Implementation = CANDIDATE
               ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Text->image and image->text recall@1/5/10 over every caption of ``split``.
     Returns (metrics, image_emb (N, E), text_emb (T, E), text_to_image (T,))."""
-    texts = [c for cs in split.captions for c in cs]
-    t2i = torch.tensor([i for i, cs in enumerate(split.captions) for _ in cs])
+    texts, t2i = caption_queries(split.captions)
     img, txt = embed_images(model, split.images, impl), embed_texts(model, tok, texts, impl)
     a, b = text_to_image_recall(txt, img, t2i), image_to_text_recall(img, txt, t2i)
     metrics = {**{f"t2i_{k}": a[k] for k in ("R@1", "R@5", "R@10", "median_rank")},
@@ -219,17 +242,23 @@ def retrieval(model, tok, split, impl: Implementation = CANDIDATE
     return metrics, img, txt, t2i
 
 
-def evaluate_world(model, tok, test, heldout, impl: Implementation = CANDIDATE) -> tuple[dict, dict]:
+def composition_names() -> list[str]:
+    """The 80 (colour, shape) class names of the world's zero-shot, in label order."""
+    return [f"{c} {s}" for c, s in composition_classes()]
+
+
+def evaluate_world(model, tok, test, heldout, impl: Implementation = CANDIDATE) -> tuple[dict, dict, GateEmbeddings]:
     """All quick-profile numbers: zero-shot on held-out compositions (scored among all 80),
-    retrieval on the test split, image->image P@k (same composition), probes. -> (metrics, info)."""
-    names = [f"{c} {s}" for c, s in composition_classes()]
-    metrics = zero_shot(model, tok, embed_images(model, heldout.images, impl),
-                        composition_label(heldout.meta["scenes"]), names, impl)
-    r, img, _, _ = retrieval(model, tok, test, impl)
+    retrieval on the test split, image->image P@k (same composition), probes.
+    -> (metrics, info, the embeddings the gates were computed from)."""
+    names, labels = composition_names(), composition_label(heldout.meta["scenes"])
+    zs_img = embed_images(model, heldout.images, impl)
+    metrics, classifier = zero_shot(model, tok, zs_img, labels, names, impl)
+    r, img, txt, t2i = retrieval(model, tok, test, impl)
     metrics.update(r)
     scenes = test.meta["scenes"]
     single = scenes["n_objects"] == 1
-    seen = zero_shot(model, tok, img[single], composition_label(scenes)[single], names, impl)
+    seen, _ = zero_shot(model, tok, img[single], composition_label(scenes)[single], names, impl)
     metrics.update({f"seen_{k}": v for k, v in seen.items()})
     i2i = image_to_image_topk(img[single], composition_label(scenes)[single])
     metrics.update({f"i2i_{k}": i2i[k] for k in ("P@1", "P@5", "P@10")})
@@ -240,7 +269,31 @@ def evaluate_world(model, tok, test, heldout, impl: Implementation = CANDIDATE) 
             "zeroshot_protocol": f"{len(heldout)} held-out single-object images, classes = all {len(names)} "
                                  f"(colour, shape) compositions, prompt ensemble {list(TEMPLATES)}",
             "i2i_protocol": f"{int(single.sum())} single-object test images, relevant = same (colour, shape)"}
-    return metrics, info
+    return metrics, info, GateEmbeddings(zs_img, classifier, labels, txt, img, t2i)
+
+
+# ------------------------------------------------------------------ controls and symptoms
+def gate_embeddings(model, tok, zs_images, zs_labels, classnames, ret_images, ret_captions,
+                    impl: Implementation = CANDIDATE) -> GateEmbeddings:
+    """What the gates are computed from, for ``model``: uint8 zero-shot images (N, 3, H, W) with
+    labels (N,) among ``classnames`` (prompt ensemble), uint8 gallery images (G, 3, H, W) with
+    their captions (G lists) as the text queries."""
+    texts, t2i = caption_queries(ret_captions)
+    return GateEmbeddings(embed_images(model, zs_images, impl), class_embeddings(model, tok, classnames, impl=impl),
+                          zs_labels, embed_texts(model, tok, texts, impl), embed_images(model, ret_images, impl), t2i)
+
+
+def controls_and_symptoms(model, tok, model_config, trained: GateEmbeddings, untrained_data: tuple,
+                          ctx: RunContext, summary: dict | None, warmup_steps: int) -> tuple[dict, dict, float]:
+    """Both, timed: ``untrained_data`` is :func:`gate_embeddings`' data after (model, tok).
+    Returns (controls, symptoms, seconds)."""
+    t0 = time.perf_counter()
+    fresh = untrained_clip(model_config, ctx.seed, ctx.device)
+    controls = measure_controls(trained, gate_embeddings(fresh, tok, *untrained_data), ctx.seed)
+    symptoms = measure_symptoms(model, fresh, model_config, summary, warmup_steps)
+    for name, values in controls.items():
+        ctx.log(f"control {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    return controls, symptoms, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------ figures
@@ -334,12 +387,12 @@ class M2(Milestone):
                   "test:tests/test_clip.py::test_retrieval_and_zero_shot_metrics_known_answers"),
         Criterion("gates fail for an untrained model and for planted bugs", "test:tests/test_m2_gates.py"),
         Criterion("zero-shot top-5 on unseen classes", "gate:zeroshot_top5"),
+        Criterion("zero-shot top-1 on unseen classes, well above chance", "gate:zeroshot_top1"),
         Criterion("text->image recall@10", "gate:t2i_R@10"),
     )
-    gates = (Gate("zeroshot_top5", "zero-shot top-5 from prompt-ensemble text embeddings (quick: 1,000 held-out "
-                  "(colour, shape) images scored among all 80 compositions; full: CIFAR-10 test, class-name prompts)"),
-             Gate("t2i_R@10", "text->image recall@10, every caption a query, its own image the answer "
-                  "(quick: world test split, 2,000 images / 10,000 captions; full: COCO val2017, 5,000 images)"))
+    gates = GATES
+    controls = CONTROLS
+    pitfalls = PITFALLS
     thresholds = THRESHOLDS
     recipes = RECIPES
     data_needed = {"quick": "none (embedded world)",
@@ -354,7 +407,7 @@ class M2(Milestone):
 
 
 def _train_or_load(ctx, recipe, train, extra, before_items=None, impl: Implementation = CANDIDATE):
-    """Train (or load ctx.checkpoint). Returns (model, tok, ckpt path, info, before-embeddings)."""
+    """Train (or load ctx.checkpoint). Returns (model, tok, ckpt path, info, before-embeddings, model config)."""
     before = {}
 
     def on_init(model, tok):
@@ -367,13 +420,14 @@ def _train_or_load(ctx, recipe, train, extra, before_items=None, impl: Implement
         model = model.to(ctx.device)
         torch.manual_seed(ctx.seed)  # the "before" panel: a fresh init of the same architecture
         on_init(impl.clip_build(ck["model_config"]), tok)
-        return model, tok, str(ctx.checkpoint), {"loaded_step": ck.get("step")}, before.get("emb")
+        return model, tok, str(ctx.checkpoint), {"loaded_step": ck.get("step")}, before.get("emb"), ck["model_config"]
     t0 = time.perf_counter()
     model, tok, summary = train_clip(recipe, train, ctx.seed, ctx.out_dir, ctx.progress, ctx.device,
                                      on_init, extra, impl=impl)
     summary["train_call_s"] = time.perf_counter() - t0
     summary["duplicate_pairs_masked_share"] = summary["final_metrics"].get("masked_frac")
-    return model, tok, str(ctx.path("checkpoint.pt")), {"training": summary}, before.get("emb")
+    return (model, tok, str(ctx.path("checkpoint.pt")), {"training": summary}, before.get("emb"),
+            clip_model_config(recipe, tok))
 
 
 def run_quick(ctx: RunContext, recipe: M2Recipe) -> RunResult:
@@ -384,17 +438,22 @@ def run_quick(ctx: RunContext, recipe: M2Recipe) -> RunResult:
     splits = [s for s in (train, test, heldout) if s is not None]
     ctx.log("data: " + ", ".join(f"{s.name} {len(s)}" for s in splits) + f" ({time.perf_counter() - t0:.1f} s)")
     index = {"dataset": "world", "split": "test", "n": len(test), "world_config": asdict(WorldConfig(seed=ctx.world_seed))}
-    model, tok, ckpt, info, before = _train_or_load(
+    model, tok, ckpt, info, before, model_config = _train_or_load(
         ctx, recipe, train, {"index": index}, (test.images[:300], [cs[0] for cs in test.captions[:300]]))
     t1 = time.perf_counter()
-    metrics, more = evaluate_world(model, tok, test, heldout)
+    metrics, more, emb = evaluate_world(model, tok, test, heldout)
+    eval_s = time.perf_counter() - t1
+    controls, symptoms, controls_s = controls_and_symptoms(
+        model, tok, model_config, emb, (heldout.images, emb.labels, composition_names(), test.images, test.captions),
+        ctx, info.get("training"), recipe.warmup_steps)
     temp = temperature_stats(model)
-    info.update(more, eval_s=time.perf_counter() - t1, duplicates=DUPLICATES, accumulation=ACCUMULATION, **temp)
+    info.update(more, eval_s=eval_s, controls_s=controls_s, duplicates=DUPLICATES, accumulation=ACCUMULATION, **temp)
     ctx.log(f"temperature {temp['temperature']:.4f} (logit scale {temp['logit_scale']:.1f}); "
             f"zero-shot top-5 {metrics['zeroshot_top5']:.3f}, t2i R@10 {metrics['t2i_R@10']:.3f}")
     figs = make_figures(model, tok, test, ctx, before)
-    return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits],
-                     checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": "quick"}, figures=figs)
+    return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits], checkpoint=ckpt,
+                     config={"recipe": asdict(recipe), "profile": "quick"}, figures=figs,
+                     controls=controls, symptoms=symptoms)
 
 
 def run_full(ctx: RunContext, recipe: M2Recipe) -> RunResult:
@@ -404,17 +463,26 @@ def run_full(ctx: RunContext, recipe: M2Recipe) -> RunResult:
     splits = [s for s in (train, val, cifar) if s is not None]
     ctx.log("data: " + ", ".join(f"{s.name} {len(s)}" for s in splits))
     index = {"dataset": "coco", "split": "val2017", "root": str(coco_root(ctx))}
-    model, tok, ckpt, info, before = _train_or_load(
+    model, tok, ckpt, info, before, model_config = _train_or_load(
         ctx, recipe, train, {"index": index}, (val.images[:300], [cs[0] for cs in val.captions[:300]]))
-    metrics, _, _, _ = retrieval(model, tok, val)
-    cimg = embed_images(model, resize_uint8(cifar.images, recipe.model["image_size"]))
-    metrics.update(zero_shot(model, tok, cimg, cifar.labels, list(CIFAR10_CLASSES)))
+    metrics, img, txt, t2i = retrieval(model, tok, val)
+    size, classes = recipe.model["image_size"], list(CIFAR10_CLASSES)
+    cimg = embed_images(model, resize_uint8(cifar.images, size))
+    zs, classifier = zero_shot(model, tok, cimg, cifar.labels, classes)
+    metrics.update(zs)
+    n_val, n_cifar = FULL_UNTRAINED_N["coco_val"], FULL_UNTRAINED_N["cifar"]
+    controls, symptoms, controls_s = controls_and_symptoms(
+        model, tok, model_config, GateEmbeddings(cimg, classifier, cifar.labels, txt, img, t2i),
+        (resize_uint8(cifar.images[:n_cifar], size), cifar.labels[:n_cifar], classes, val.images[:n_val],
+         val.captions[:n_val]), ctx, info.get("training"), recipe.warmup_steps)
     temp = temperature_stats(model)
     metrics.update(temp)
-    info.update(duplicates=DUPLICATES, accumulation=ACCUMULATION, temperature=temp["temperature"])
+    info.update(duplicates=DUPLICATES, accumulation=ACCUMULATION, temperature=temp["temperature"],
+                controls_s=controls_s)
     figs = make_figures(model, tok, val, ctx, before)
-    return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits],
-                     checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": "full"}, figures=figs)
+    return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits], checkpoint=ckpt,
+                     config={"recipe": asdict(recipe), "profile": "full"}, figures=figs,
+                     controls=controls, symptoms=symptoms)
 
 
 MILESTONE = M2()

@@ -123,6 +123,28 @@ def test_image_to_image_precision_excludes_the_query():
         image_to_image_topk(emb, labels, ks=(4,))
 
 
+def test_constant_embeddings_cannot_score_by_tie_order():
+    """Issue 23: a constant embedding (every image the same vector) gets no recall from the order
+    its ties happen to be broken in: wherever the correct item sits in the gallery (first, last,
+    spread), every wrong item tied with it ranks above it."""
+    g = torch.Generator().manual_seed(0)
+    texts = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1)
+    const = torch.nn.functional.normalize(torch.randn(8, generator=g), dim=-1).expand(20, 8)
+    for t2i in (torch.zeros(40, dtype=torch.long), torch.full((40,), 19), torch.arange(40) % 20):
+        r = text_to_image_recall(texts, const, t2i, ks=(1, 10, 19, 20))
+        assert (r["R@1"], r["R@10"], r["R@19"], r["R@20"], r["median_rank"]) == (0.0, 0.0, 0.0, 1.0, 20.0)
+    r = image_to_text_recall(const, texts[:1].expand(40, 8), torch.arange(40) % 20, ks=(1, 10))  # captions equal too
+    assert r["R@1"] == 0.0 and r["R@10"] == 0.0
+    # zero-shot: every class prompt the same embedding -> no image has its class in a top-k < C
+    labels = torch.arange(40) % 10
+    assert zero_shot_topk(texts, const[:10], labels, ks=(1, 5, 9, 10)) == {
+        "top1": 0.0, "top5": 0.0, "top9": 0.0, "top10": 1.0, "n_queries": 40}
+    # image->image: all embeddings equal -> images of another label first (a stable sort by
+    # index alone would give query 0 its neighbour 1, of its own label, at P@1 = 1)
+    r = image_to_image_topk(torch.ones(4, 3), torch.tensor([0, 0, 1, 1]), ks=(1, 2, 3))
+    assert r["P@1"] == 0.0 and r["P@2"] == 0.0 and r["P@3"] == pytest.approx(1 / 3)
+
+
 # ----------------------------------------------------------------------------- CLIP score
 S = 1 / math.sqrt(2)
 VOCAB = {"right": 1, "up": 2, "left": 3}
