@@ -8,10 +8,11 @@ Each run is ``grader.py MID --seed S --world-seed W`` (training seed and world s
 into ``runs/calibration/MID/sS-wW/``; its report.json and report.md are copied to
 ``results/calibration/runs/``. The table ``results/calibration/MID.md`` (and ``.json``) lists,
 per gate, every honest run's value and every control's, the worst honest run, the best control,
-the threshold in force and its margins to both. The rule for a threshold (README, "Gates"): it
-sits between the best control and the worst honest run, at least ``MARGIN`` of that gap away
-from the worst honest run — the suggestion column applies it; moving a threshold is a commit
-that cites this table.
+the threshold in force and its margins to both. The rule for a threshold: it lies beyond the
+best control and below the worst honest run by at least ``margin = max(SIGMAS x the honest
+runs' standard deviation, REL x |worst honest|)`` (a gate's spread across seeds, and a floor for
+when three runs happen to agree); the 'suggested' column is ``worst honest - margin`` (in the
+gate's direction). Moving a threshold is a commit that cites this table.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "calibration"
 RESULTS = REPO / "results" / "calibration"
 PAIRS = ((0, 0), (1, 1), (2, 2))  # (training seed, world seed): (0, 0) is what CI grades
-MARGIN = 0.25  # a threshold keeps at least this share of the control-to-honest gap below the worst honest run
+SIGMAS = 3.0  # the margin below the worst honest run, in standard deviations of the honest runs ...
+REL = 0.02  # ... and at least this share of the worst honest value
 
 
 def run_folder(mid: str, seed: int, world: int) -> Path:
@@ -94,14 +96,20 @@ def collect(mid: str, pairs=PAIRS) -> dict:
             worst = min(honest, key=lambda v: sign * v)
             best_control = max(controls, key=lambda v: sign * v)
             gap = sign * (worst - best_control)
-            row.update(worst_honest=worst, best_control=best_control, gap=gap,
-                       suggested=worst - sign * MARGIN * gap if gap > 0 else None,
-                       separated=gap > 0)
+            mean = sum(honest) / len(honest)
+            sd = (sum((v - mean) ** 2 for v in honest) / (len(honest) - 1)) ** 0.5 if len(honest) > 1 else float("nan")
+            margin = max(SIGMAS * sd if sd == sd else 0.0, REL * abs(worst))
+            suggested = worst - sign * margin
+            row.update(worst_honest=worst, best_control=best_control, gap=gap, sd=sd, margin=margin,
+                       suggested=suggested if sign * (suggested - best_control) > 0 else None, separated=gap > 0)
             if threshold is not None:
-                row.update(margin_below_worst=sign * (worst - threshold), margin_above_control=sign * (threshold - best_control),
-                           threshold_ok=sign * (worst - threshold) > 0 and sign * (threshold - best_control) > 0)
+                below, above = sign * (worst - threshold), sign * (threshold - best_control)
+                row.update(margin_below_worst=below, margin_above_control=above,
+                           margin_below_worst_sd=below / sd if sd and sd == sd else None,
+                           threshold_ok=below >= margin and above > 0)
         gates.append(row)
-    return {"milestone": mid, "pairs": [list(p) for p in pairs], "margin_rule": MARGIN, "runs": runs, "gates": gates}
+    return {"milestone": mid, "pairs": [list(p) for p in pairs], "margin_rule": {"sigmas": SIGMAS, "relative": REL},
+            "runs": runs, "gates": gates}
 
 
 def to_markdown(table: dict) -> str:
@@ -111,17 +119,18 @@ def to_markdown(table: dict) -> str:
     out = [f"# Calibration of {table['milestone']} (quick profile)", "",
            f"Made by `python -m benchmarks.calibrate {table['milestone']}`: {len(runs)} honest runs, training seed and "
            f"world seed both varied; every control measured in each run with its gate's protocol. Rule: a threshold "
-           f"lies between the best control and the worst honest run, at least {MARGIN:.0%} of that gap below the "
-           f"worst honest run (the 'suggested' column).", "",
+           f"lies beyond the best control and at least margin = max({SIGMAS:g} sd of the honest runs, {REL:.0%} of the "
+           f"worst honest value) below the worst honest run; 'suggested' = worst honest - margin.", "",
            "| run (seed, world seed) | status | commit | wall time |", "|---|---|---|---|"]
     out += [f"| ({r['seed']}, {r['world_seed']}) | {r['status']} | `{r['commit'][:12]}`{' (dirty)' if r['dirty'] else ''} | "
             f"{r['wall_time_s']:.0f} s |" for r in runs]
-    out += ["", "| gate | honest runs | controls (all runs) | worst honest | best control | threshold | suggested | "
-            "threshold between them |", "|---|---|---|---|---|---|---|---|"]
+    out += ["", "| gate | honest runs | sd | best control | threshold | below worst honest (sd) | above best control | "
+            "suggested | rule met |", "|---|---|---|---|---|---|---|---|---|"]
     for g in table["gates"]:
-        out.append(f"| {g['gate']} ({g['direction']}) | {', '.join(map(f, g['honest']))} | "
-                   f"{', '.join(map(f, g['controls']))} | {f(g.get('worst_honest'))} | {f(g.get('best_control'))} | "
-                   f"{f(g['threshold'])} | {f(g.get('suggested'))} | "
+        sds = f" ({g['margin_below_worst_sd']:.1f})" if g.get("margin_below_worst_sd") is not None else ""
+        out.append(f"| {g['gate']} ({g['direction']}) | {', '.join(map(f, g['honest']))} | {f(g.get('sd'))} | "
+                   f"{f(g.get('best_control'))} | {f(g['threshold'])} | {f(g.get('margin_below_worst'))}{sds} | "
+                   f"{f(g.get('margin_above_control'))} | {f(g.get('suggested'))} | "
                    f"{'yes' if g.get('threshold_ok') else 'NO' if 'threshold_ok' in g else 'n/a'} |")
     out += ["", "Per run and control:", "", "| run | control | gate | value |", "|---|---|---|---|"]
     out += [f"| ({r['seed']}, {r['world_seed']}) | {c['control']} | {c['gate']} | {f(c['value'])} |"

@@ -194,9 +194,10 @@ def test_calibration_table_from_runs(tmp_path, monkeypatch):
     table = cal.collect("m1")
     row = next(g for g in table["gates"] if g["gate"] == "test_accuracy")
     assert row["worst_honest"] == 0.93 and row["best_control"] == 0.12 and row["separated"]
-    assert row["suggested"] == pytest.approx(0.93 - cal.MARGIN * (0.93 - 0.12))
+    assert row["sd"] == pytest.approx(0.015275, abs=1e-5)  # sample sd of 0.95, 0.93, 0.96
+    assert row["suggested"] == pytest.approx(0.93 - max(cal.SIGMAS * row["sd"], cal.REL * 0.93))
     threshold = load("m1").thresholds["quick"]["test_accuracy"]
-    assert row["threshold_ok"] == (0.12 < threshold < 0.93)
+    assert row["threshold_ok"] == (0.12 < threshold <= 0.93 - row["margin"])
     md = cal.to_markdown(table)
     assert "| (2, 2) | untrained model | test_accuracy | 0.11 |" in md
     assert (tmp_path / "results" / "runs" / "m1" / "s1-w1" / "report.json").exists()
