@@ -134,7 +134,7 @@ def sample_swaps(combos: torch.Tensor, attribute: str, k: int = 1, generator: to
 
 
 # ------------------------------------------------------------------ recipe and training
-JUDGE_MODEL = dict(image_tower="vit", image_size=32, patch_size=4, vision_dim=96, vision_depth=3, vision_heads=4,
+JUDGE_MODEL = dict(image_tower="vit", image_size=32, patch_size=8, vision_dim=96, vision_depth=3, vision_heads=4,
                    context_length=24, text_dim=96, text_depth=2, text_heads=4, mlp_ratio=2.0, embed_dim=96)
 
 
@@ -143,7 +143,7 @@ class JudgeRecipe:
     """The judge's recipe (every field enters the cache hash)."""
 
     model: dict = field(default_factory=lambda: dict(JUDGE_MODEL))
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.05
