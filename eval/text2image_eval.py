@@ -37,6 +37,8 @@ class Judges:
     negative_hit: predictions -> (N,) bool, "shows the negative prompt's concept".
     fid_feature: torchmetrics FID feature module (in-domain).
     info: names, hashes, test accuracies.
+    r_precision: (images uint8 (N,3,H,W), prompts) -> {"r_precision", ...}: CLIP R-precision in
+        the judge CLIP (Park et al. 2021; :mod:`eval.judge_clip`), or None.
     """
 
     clip: object
@@ -47,12 +49,14 @@ class Judges:
     negative_hit: object
     fid_feature: object
     info: dict
+    r_precision: object = None
 
 
 def world_judges(clip, tok, clip_info: dict, progress: bool, negative: str) -> Judges:
-    """The quick profile's judges: the judge CLIP ``clip``/``tok`` (the grader's), the cached
-    attribute classifier (prompt match, its features for FID) and ``negative`` (a colour word)
-    as the negative concept."""
+    """The quick profile's judges: the judge CLIP ``clip``/``tok`` (the grader's, with CLIP
+    R-precision against attribute-swapped prompts), the cached attribute classifier (prompt
+    match, its features for FID) and ``negative`` (a colour word) as the negative concept."""
+    from eval.judge_clip import r_precision
     from eval.fid import FeatureAdapter
     from eval.prompt_match import match_rates, match_table, parse_prompt
     from eval.attributes import AttributeFeatures, load_or_train, predict_attributes
@@ -66,7 +70,7 @@ def world_judges(clip, tok, clip_info: dict, progress: bool, negative: str) -> J
                                                           ("recipe_hash", "path", "sha256", "test_accuracies", "trained_now")},
             "negative_concept": f"colour == {COLOURS[colour]} (attribute judge)"}
     return Judges(clip, tok, lambda x: predict_attributes(attr, x), match_table, match_rates,
-                  lambda p: p["colour"] == colour, feature, info)
+                  lambda p: p["colour"] == colour, feature, info, lambda x, p: r_precision(clip, tok, x, p))
 
 
 # ------------------------------------------------------------------ evaluation
@@ -102,6 +106,8 @@ def evaluate(sample: Callable, judges: Judges, prompts: list[str], heldout_promp
             ``negative_base`` with and without ``negative`` (0 = no test).
 
     Samples for each scale use the same prompts and per-image seeds, so scales compare pairwise.
+    ``samples``: scale -> the gate samples (len(prompts)), "gain" -> {scale: all gain samples}
+    (s = 1 and ``guidance``), "gain_prompts", and "heldout" / "negative_*" where drawn.
     """
     from eval.clip_score import clip_score
     from eval.fid import fid, protocol
@@ -120,7 +126,7 @@ def evaluate(sample: Callable, judges: Judges, prompts: list[str], heldout_promp
     gain_prompts = gain_prompts or prompts
     if gain_prompts[:len(prompts)] != prompts:
         raise ValueError("gain_prompts must start with the gate prompts")
-    gain = {}  # scale -> (len(gain_prompts),) bool prompt match, for s = 1 and the default scale
+    gain, gain_samples = {}, {}  # scale -> (len(gain_prompts),) bool prompt match / samples, for s = 1 and the default
     for s in scales:
         t0 = time.perf_counter()
         paired = s in (1.0, guidance)
@@ -128,7 +134,7 @@ def evaluate(sample: Callable, judges: Judges, prompts: list[str], heldout_promp
         t1 = time.perf_counter()
         pred = judges.predict(x)
         if paired:
-            gain[s] = judges.match_table(gain_prompts, pred)["all"]
+            gain[s], gain_samples[s] = judges.match_table(gain_prompts, pred)["all"], x
         samples[s], pred = x[:len(prompts)], {k: v[:len(prompts)] for k, v in pred.items()}
         sweep[s] = {**judges.match_rates(prompts, pred), "clip_score": cos(samples[s], prompts),
                     "fid": fid(real_images, samples[s], judges.fid_feature)}
@@ -142,7 +148,12 @@ def evaluate(sample: Callable, judges: Judges, prompts: list[str], heldout_promp
                     "guidance_gain": (gain[guidance].float().mean() - gain[1.0].float().mean()).item(),
                     "guidance_gain_n": len(gain_prompts),
                     "guidance_gain_on_gate_prompts": d["prompt_match"] - sweep[1.0]["prompt_match"]})
-    metrics["guidance_gain_sign_p"] = sign_test(gain[guidance], gain[1.0])
+    metrics["guidance_gain_sign_p"] = sign_test(gain[guidance], gain[1.0])  # the gate (one-sided: s > 1 helps)
+    metrics["guidance_loss_sign_p"] = sign_test(gain[1.0], gain[guidance])  # the other side: s > 1 hurts
+    if judges.r_precision is not None:  # CLIP R-precision: the true prompt beats its attribute swaps
+        r = judges.r_precision(samples[guidance], prompts)
+        metrics["clip_r_precision"] = r["r_precision"]
+        metrics.update({f"clip_{k}": v for k, v in r.items() if k.endswith(("_swap_acc", "_swap_drop"))})
     if ceiling - floor > 0.05:  # where the generated images sit between the judge's floor (0) and ceiling (1)
         metrics["clip_score_normalised"] = (d["clip_score"] - floor) / (ceiling - floor)
     metrics.update({k: d[k] for k in d if k.endswith("_match") and k != "prompt_match"})
@@ -175,6 +186,7 @@ def evaluate(sample: Callable, judges: Judges, prompts: list[str], heldout_promp
             "sampling": {"seed": seed, "n_eval": len(prompts), "default_guidance": guidance, "scales": scales},
             "negative_protocol": {"prompt": negative_base, "negative": negative, "n": n_negative,
                                   "guidance": guidance}}
+    samples["gain"], samples["gain_prompts"] = gain_samples, gain_prompts
     return metrics, info, samples
 
 
@@ -201,7 +213,7 @@ def make_figures(samples: dict, prompts: list[str], heldout_prompts, judges: Jud
     figs = [prompt_grid(samples[g][:k], prompts[:k], Path(out_dir) / ("samples.png"), ok=ok,
                         title=f"guidance s = {g:g}, {sampler_name} "
                               f"(green: the judge sees colour, shape and position right)")]
-    scales = sorted(s for s in samples if isinstance(s, float))
+    scales = sorted(s for s in samples if isinstance(s, (int, float)))
     figs.append(guidance_grid({s: samples[s][:8] for s in scales}, prompts[:8], Path(out_dir) / ("guidance_grid.png")))
     sweep = {float(s): v for s, v in info["sweep"].items()}
     figs.append(guidance_sweep_plot(sweep, Path(out_dir) / ("guidance_sweep.png"), metrics["clip_score_real"],

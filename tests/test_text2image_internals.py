@@ -187,11 +187,14 @@ def test_generate_cli_and_human_eval(world, tok, tmp_path, capsys):
     info = m5.human_gate(ctx, imgs, prompts, meta)
     assert info["status"] == "recorded" and info["value"] == pytest.approx(2 / 3)
     assert m5.human_gate(ctx, imgs, prompts, {**meta, "seed": 1})["status"].startswith("stale")
-    metrics = {"clip_score": 0.5, "clip_score_margin": 0.3, "prompt_match": 0.8, "guidance_gain": 0.1}
+    metrics = {"clip_score": 0.7, "clip_score_margin": 0.6, "clip_r_precision": 0.8, "prompt_match": 0.8,
+               "guidance_gain_sign_p": 0.01}
     rows = m5.MILESTONE.verdicts(RunResult(metrics=metrics), "quick")
-    assert [r["gate"] for r in rows] == list(metrics) and all(r["passed"] for r in rows)
+    assert [r["gate"] for r in rows] == list(metrics) + ["human_prompt_match"]
+    assert all(r["passed"] for r in rows[:-1]) and rows[-1]["status"] == "pending"  # no answers yet: pending, shown
+    assert rows[-1]["pending"].startswith("no answers recorded: python -m apps.human_eval record")
     rows = m5.MILESTONE.verdicts(RunResult(metrics={**metrics, "human_prompt_match": 2 / 3}), "quick")
-    assert rows[-1]["gate"] == "human_prompt_match" and not rows[-1]["passed"]
+    assert rows[-1]["gate"] == "human_prompt_match" and rows[-1]["status"] == "fail" and not rows[-1]["passed"]
     ans.write_text("y\nmaybe\n")
     assert human_eval.main(["record", str(tmp_path / "run/human_eval"), "--answers", str(ans)]) == 2
     # the write command samples the checkpoint's recorded protocol
