@@ -31,13 +31,15 @@ from milestones.common import (CheckpointError, batched, data_root, load_into, r
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
-    # Provisional: calibrated by benchmarks/calibrate.py (3 runs, training seed x world seed;
-    # table in results/calibration/). History, each step taken after measuring on the same test
-    # split: the spec's 0.90; raised to 0.92; then 0.91 with the 2,000-step quick recipe, which
-    # measured 0.9505 on 2 threads and 0.9365 on 1 (CI's setting; thread count changes the float
-    # sums), the margin covering that spread. The 1,500-step recipe measured 0.9095-0.912.
+    # The spec's 0.90. Calibrated (results/calibration/m1.md, `python -m benchmarks.calibrate m1`,
+    # (training seed, world seed) = (0, 0), (1, 1), (2, 2), one thread): 0.9365, 0.9585, 0.9595,
+    # sd 0.013; best control 0.1105. The rule (3 sd below the worst honest run) would allow 0.8975,
+    # below the spec, so the spec's 0.90 is kept: 0.0365 = 2.8 sd below the worst run, short of
+    # the rule's 3 sd (the quick recipe sits close to the spec's bar; a stronger recipe would fix
+    # that, a lower bar would not). History, each step taken after measuring on the same test
+    # split: 0.90, raised to 0.92, then 0.91 (2026-11), now 0.90 again from the table.
     # Controls (every run): an untrained ViT, a constant output and permuted labels score ~0.1.
-    "quick": {"test_accuracy": 0.91},
+    "quick": {"test_accuracy": 0.90},
     "full": {"test_accuracy": 0.70},  # CIFAR-10 test accuracy > 70 % (the spec)
 }
 
