@@ -10,7 +10,7 @@ from torch import nn
 from eval import fid_stats as fs
 from eval.fid import FeatureAdapter, fid
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.m4, pytest.mark.usefixtures("one_thread")]
 
 
 def _extractor(dim: int = 64) -> FeatureAdapter:
