@@ -25,11 +25,17 @@ A grading instrument: it lives in ``eval/`` and is built only from the grader's 
 bundled library (:mod:`eval.reference`: world data, engine, cache paths), whatever implementation
 is graded.
 
-"Frozen and versioned": the recipe (:class:`AttributeConfig`) is hashed
-(:func:`recipe_hash`); :func:`load_or_train` trains it once with a fixed seed and caches
-``cache_dir("judges")/attributes-<hash>.pt`` (atomic write), then reuses that file. Reports
-name the recipe hash and the file's sha256. Training is deterministic for a given machine and
-thread count (CPU kernels may round differently elsewhere: the sha256 identifies the weights).
+"Frozen and versioned": the judge is identified by :func:`recipe_hash`, a hash over its recipe
+(:class:`AttributeConfig`) AND the source of the code that builds and trains it
+(:data:`CODE_FILES`: this module, the world generator, the engine): editing any of them gives a
+new hash, so a stale cache file is never reused (no hand-bumped version number).
+:func:`load_or_train` trains it once with a fixed seed and caches
+``cache_dir("judges")/attributes-<hash>.pt`` (atomic write), then reuses that file. Its
+accuracies are never read from that file: they are measured again on a fixed held-out set
+(the world test split of the recipe's world seed) every time the judge is loaded
+(:func:`test_accuracies`, a few seconds). Reports name the recipe hash and the file's sha256.
+Training is deterministic for a given machine and thread count (CPU kernels may round
+differently elsewhere: the sha256 identifies the weights).
 
 Usage::
 
@@ -40,9 +46,12 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +59,6 @@ from torch import nn
 
 from eval.reference.data.split import to_float
 
-VERSION = 1  # bump when the architecture, the data or the training code changes
 HEADS = {"shape": 10, "colour": 8, "size": 2, "col": 3, "row": 3}
 
 
@@ -78,10 +86,30 @@ class AttributeConfig:
     world_seed: int = 0
 
 
+# the source files whose code decides the judge's weights: this module (network, targets,
+# loss, training call) and, in the grader's copy of the bundled library, the world generator,
+# pixel conversion and the engine (training loop, optimiser/schedule, batching/seeding)
+_BUNDLED_CODE = ("data/world.py", "data/split.py", "train.py", "optim.py", "batching.py")
+
+
+def code_files() -> list[Path]:
+    """The files :func:`code_hash` reads (this module first, then the bundled ones)."""
+    from eval.reference import BUNDLED
+    return [Path(__file__).resolve()] + [BUNDLED / name for name in _BUNDLED_CODE]
+
+
+@lru_cache(maxsize=1)
+def code_hash() -> str:
+    """sha256 (hex) over the contents of :func:`code_files` (each name and bytes)."""
+    h = hashlib.sha256()
+    for path in code_files():
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def recipe_hash(cfg: AttributeConfig) -> str:
-    """16 hex digits identifying the recipe (and :data:`VERSION`)."""
-    import hashlib
-    blob = json.dumps({"version": VERSION, **asdict(cfg)}, sort_keys=True, default=list)
+    """16 hex digits identifying the judge: its recipe ``cfg`` and :func:`code_hash`."""
+    blob = json.dumps({"code": code_hash(), **asdict(cfg)}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -252,30 +280,41 @@ def load_or_train(cfg: AttributeConfig | None = None, progress: bool = True, cac
     """The frozen judge of recipe ``cfg``: loaded from the cache, or trained once and cached.
 
     File: ``eval.reference.data.paths.cache_dir("judges")/attributes-<recipe_hash>.pt``, written
-    atomically; it holds the weights, the recipe and the test accuracies measured at training.
+    atomically; it holds the weights and the recipe (and, for the record only, the accuracies
+    measured when it was trained). Whether loaded or trained now, ``test_accuracies`` are
+    measured in this call on the fixed held-out set (:func:`test_accuracies`: ``cfg.n_test``
+    world test images of ``cfg.world_seed``), never read from the file.
 
     Returns:
-        ``(model in eval mode, info)``; info = ``{recipe_hash, recipe, path, sha256,
-        test_accuracies, trained_now, train_s}``.
+        ``(model in eval mode, info)``; info = ``{recipe_hash, code_hash, code_files, recipe,
+        path, sha256, test_accuracies, accuracies_measured_s, held_out, trained_now, train_s}``.
     """
     from eval.reference.data.paths import atomic_torch_save, cache_dir, sha256_file
+    from eval.reference.data.world import WorldConfig
     cfg = cfg or AttributeConfig()
     h = recipe_hash(cfg)
     path = cache_dir("judges") / f"attributes-{h}.pt" if cache else None
-    info = {"recipe_hash": h, "recipe": asdict(cfg), "version": VERSION, "trained_now": False}
+    info = {"recipe_hash": h, "code_hash": code_hash(), "code_files": [p.name for p in code_files()],
+            "recipe": asdict(cfg), "trained_now": False}
     model = AttributeNet(cfg)
     if path is not None and path.is_file():
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("recipe_hash") != h:
+            raise ValueError(f"{path}: holds recipe {payload.get('recipe_hash')!r}, expected {h!r}")
         model.load_state_dict(payload["model"])
-        info["test_accuracies"] = payload["test_accuracies"]
     else:
         t0 = time.perf_counter()
         model, acc = train_attribute_net(progress=progress, cfg=cfg)
-        info.update(test_accuracies=acc, trained_now=True, train_s=time.perf_counter() - t0)
+        info.update(trained_now=True, train_s=time.perf_counter() - t0)
         if path is not None:
-            atomic_torch_save({"kind": "attributes", "version": VERSION, "recipe": asdict(cfg),
-                               "recipe_hash": h, "model": model.state_dict(), "test_accuracies": acc}, path)
+            atomic_torch_save({"kind": "attributes", "code_hash": code_hash(), "recipe": asdict(cfg),
+                               "recipe_hash": h, "model": model.state_dict(), "accuracies_at_training": acc}, path)
     if path is not None:
         info.update(path=str(path), sha256=sha256_file(path))
     model.eval().requires_grad_(False)
+    t0 = time.perf_counter()
+    info["test_accuracies"] = test_accuracies(model, cfg.n_test, WorldConfig(seed=cfg.world_seed))
+    info["accuracies_measured_s"] = time.perf_counter() - t0
+    info["held_out"] = (f"measured in this run: world test split (world seed {cfg.world_seed}), {cfg.n_test} "
+                        f"one-object and {cfg.n_test} mixed scenes; the judge trains on the train split")
     return model, info

@@ -1,5 +1,6 @@
 """The attribute judge (eval/attributes.py, a grading instrument built on eval.reference): scene
-targets in reading order, its API and its recipe-hashed cache."""
+targets in reading order, its API, its cache keyed by a hash of its recipe and code, and its
+accuracies measured on every load (never read from the cache file)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,40 @@ def test_attribute_net_api_and_cache(tmp_path, monkeypatch):
     assert set(pred) == {"n_objects"} | set(attr.HEADS) | {f"second_{k}" for k in attr.HEADS}
     assert all(v.shape == (5,) and v.dtype == torch.long for v in pred.values())
     assert set(pred["n_objects"].tolist()) <= {1, 2} and (pred["shape"] < 10).all() and (pred["colour"] < 8).all()
+
+
+def test_accuracies_are_measured_not_read_from_the_cache(tmp_path, monkeypatch):
+    """Replace the cached weights by an untrained network (same file, same recipe hash): the
+    reported accuracies follow the weights actually loaded, i.e. they were measured."""
+    monkeypatch.setenv("MMSYS_CACHE", str(tmp_path))
+    cfg = attr.AttributeConfig(n_train=512, n_test=64, steps=40, batch_size=64, warmup_steps=2)
+    model, info = attr.load_or_train(cfg, progress=False)
+    payload = torch.load(info["path"], weights_only=True)
+    assert "test_accuracies" not in payload  # nothing the loader could read back as a measurement
+    torch.manual_seed(123)
+    payload["model"] = attr.AttributeNet(cfg).state_dict()
+    torch.save(payload, info["path"])
+    fresh, info2 = attr.load_or_train(cfg, progress=False)
+    assert not info2["trained_now"] and info2["recipe_hash"] == info["recipe_hash"]
+    assert info2["test_accuracies"] != info["test_accuracies"]
+    from eval.reference.data.world import WorldConfig
+    assert info2["test_accuracies"] == attr.test_accuracies(fresh, cfg.n_test, WorldConfig(seed=cfg.world_seed))
+    assert info["test_accuracies"]["single/colour"] > info2["test_accuracies"]["single/colour"]
+
+
+def test_cache_key_follows_the_code(tmp_path, monkeypatch):
+    """The cache key is a hash of the judge's source files and recipe: editing a file changes it."""
+    src = tmp_path / "judge_src.py"
+    src.write_text("x = 1\n")
+    monkeypatch.setattr(attr, "code_files", lambda: [src])
+    attr.code_hash.cache_clear()
+    try:
+        before = attr.recipe_hash(attr.AttributeConfig())
+        src.write_text("x = 2\n")
+        attr.code_hash.cache_clear()
+        assert attr.recipe_hash(attr.AttributeConfig()) != before
+    finally:
+        monkeypatch.undo()
+        attr.code_hash.cache_clear()
+    files = attr.code_files()
+    assert files[0].name == "attributes.py" and all(f.is_file() for f in files)

@@ -140,14 +140,16 @@ def test_spec_thresholds_recipes_and_smoke_switch():
     M = m4.MILESTONE
     for profile in ("quick", "full"):
         assert {g.key for g in M.gates} == set(m4.THRESHOLDS[profile])
-    assert m4.THRESHOLDS["full"]["fid_ddim50"] == 50.0
+    assert m4.THRESHOLDS["full"]["fid_ddim50"] == 50.0 == m4.THRESHOLDS["full"]["fid_ddpm"] == m4.SPEC_FID
     assert m4.THRESHOLDS["quick"]["ddim_vs_ddpm_fid_rel_diff"] == 0.10 and m4.THRESHOLDS["quick"]["ddim_speedup"] == 15
     full = m4.RECIPES["full"]
-    assert full.feature == "inception" and full.n_ddim == 10_000 and full.n_ref is None and full.data == "cifar10"
+    assert full.spaces == ("inception",) and full.eta == 0.0 and full.eta_compare is None
+    assert full.n_ddim == 10_000 and full.n_ref is None and full.data == "cifar10"
     q = m4.RECIPES["quick"]
-    assert q.schedule["T"] == 1000 and q.ddim_steps == 50 and q.feature == "attributes" and q.ema_decay
+    assert q.schedule["T"] == 1000 and q.ddim_steps == 50 and q.spaces[0] == "inception" and q.eta == 0.0 and q.ema_decay
     assert M.recipe(RunContext(profile="full", smoke=True)) is m4.FULL_SMOKE
     assert M.recipe(RunContext(profile="quick")) is q and M.recipe(RunContext(profile="full")) is full
     assert "ddpm_loss" in M.interface and "diffusion_step" in M.interface
     assert all(c.proof.split(":")[0] in ("test", "gate") for c in M.criteria)
     assert asdict(q)["unet"]["base"] > 0 and math.isfinite(m4.THRESHOLDS["quick"]["fid_ddim50"])
+    assert "provisional" in m4.CALIBRATION.lower() and "benchmarks/calibrate.py" in m4.CALIBRATION
