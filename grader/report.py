@@ -157,6 +157,11 @@ def to_markdown(report: dict) -> str:
     if pitfalls:
         out += ["", "Likely pitfalls (the measured symptom):", ""]
         out += [f"- `{g}`: **{p['pitfall']}**: {p['explain']}" for g, p in pitfalls]
+    if report.get("spec_rows"):
+        out += ["", "## The spec's numbers (this profile gates on the calibrated ones above)", "",
+                "| spec gate | spec | value | result | measured on |", "|---|---|---|---|---|"]
+        out += [f"| {r['gate']} | {r['spec']} | {fmt(r['value'])} | **{r['status']}** | {r.get('note', '')} |"
+                for r in report["spec_rows"]]
     if "controls" in report:
         out += ["", "## Controls (each must fail its gate)", "",
                 "| control | measured | gate | value | threshold | result |", "|---|---|---|---|---|---|"]

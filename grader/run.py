@@ -110,10 +110,14 @@ def control_rows(milestone, result, profile: str) -> list[dict]:
     return milestone.control_rows(result, profile) if result else []
 
 
-def verdict(tests: dict, result, rows: list[dict], controls: list[dict], require_human: bool) -> dict:
+def verdict(tests: dict, result, rows: list[dict], controls: list[dict], require_human: bool,
+            spec_rows: list[dict] = ()) -> dict:
     """The grade: ``status`` "pass" or "fail", ``headline`` (e.g. "pass — human evaluation
-    pending"), ``pending`` (gates waiting for a person), ``failures`` (one line each: failed
-    gates, controls that cleared their gate or were not measured)."""
+    pending", "pass — spec gate not met: fid_ddim50 = 136 (spec < 50)"), ``pending`` (gates
+    waiting for a person), ``failures`` (one line each: failed gates, controls that cleared
+    their gate or were not measured). ``spec_rows``: the spec's own numbers where a profile
+    gates on another (the milestone's ``info["spec_rows"]``: gate, spec, value, status); one not
+    met is said in the headline, never hidden behind a pass."""
     pending = [r["gate"] for r in rows if r.get("status") == "pending"]
     failures = [f"{r['gate']} = {r['value']} does not clear {r['direction']} {r['threshold']}"
                 for r in rows if not r["passed"] and r.get("status") != "pending"]
@@ -130,7 +134,11 @@ def verdict(tests: dict, result, rows: list[dict], controls: list[dict], require
     headline = "pass" if ok else "fail"
     if ok and pending:
         headline = "pass — " + ", ".join(("human evaluation" if g.startswith("human") else g) for g in pending) + " pending"
-    return {"status": "pass" if ok else "fail", "headline": headline, "pending": pending, "failures": failures}
+    unmet = [f"{r['gate']} = {r['value']:.4g} (spec {r['spec']})" for r in spec_rows if r.get("status") != "spec gate met"]
+    if unmet:
+        headline += " — spec gate not met: " + ", ".join(unmet)
+    return {"status": "pass" if ok else "fail", "headline": headline, "pending": pending, "failures": failures,
+            "spec_rows": list(spec_rows)}
 
 
 def measure(milestone, args: argparse.Namespace, out_dir: Path, checkpoint: Path | None):
@@ -217,7 +225,8 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
         error = "shape tests failed: gates not evaluated"
     rows = gate_rows(milestone, result, args.profile)
     controls = control_rows(milestone, result, args.profile)
-    grade_ = verdict(tests, result, rows, controls, args.require_human)
+    grade_ = verdict(tests, result, rows, controls, args.require_human,
+                     result.info.get("spec_rows", []) if result else [])
     ok = grade_["status"] == "pass"
     ckpt = None
     if result and result.checkpoint:

@@ -298,8 +298,10 @@ class M4(Milestone):
     checkpoint_kind = CHECKPOINT_KIND  # what --checkpoint must be (read first by grader.cli.check_usage)
     title = "DDPM and DDIM image generation"
     marker = "m4"
+    # (python -m apps.sample, the product's sampling command, is tested by the suite, tests/test_apps_sample.py,
+    # against the bundled library: it is not the graded implementation's criterion)
     test_files = ("tests/test_diffusion.py", "tests/test_m4.py", "tests/test_m4_gates.py", "tests/test_m4_pitfalls.py",
-                  "tests/test_eval_fid_stats.py")
+                  "tests/test_eval_fid_stats.py", "tests/test_eval_attributes.py")
     criteria = (
         Criterion("linear and cosine schedules: alpha-bar, q(x_t|x_0), posterior (golden values)",
                   "test:tests/test_diffusion.py::test_linear_schedule_golden_values"),
@@ -311,7 +313,6 @@ class M4(Milestone):
                   "test:tests/test_m4.py::test_generate_is_seeded_and_batch_independent"),
         Criterion("training: random t, eps-prediction, MSE; EMA weights are the ones sampled",
                   "test:tests/test_m4.py::test_eps_loss_is_ddpm_simple_loss"),
-        Criterion("python -m apps.sample writes a grid; clear errors", "test:tests/test_apps_sample.py::test_sample_cli"),
         Criterion("in-domain FID judge frozen, cached by a hash of its code and recipe, accuracies measured every run",
                   "test:tests/test_eval_attributes.py::test_accuracies_are_measured_not_read_from_the_cache"),
         Criterion("gates fail for an untrained model and for planted bugs (t ignored, x0 target)",

@@ -245,3 +245,21 @@ def test_every_criterion_proof_is_a_graded_test_file_or_a_gate():
             elif kind not in ("test", "gate"):
                 bad.append(f"{mid}: {c.proof}")
     assert not bad, bad
+
+
+def test_a_spec_gate_not_met_is_said_in_the_headline():
+    """A profile that gates on calibrated numbers still says plainly where the spec's own number
+    is not met: in the headline and its own report section, never behind a bare pass."""
+    result = RunResult(metrics={"acc": 0.9}, controls={"untrained model": {"acc": 0.1}, "constant output": {"acc": 0.1}})
+    rows, controls = rows_of(result)
+    spec = [{"gate": "fid", "spec": "< 50", "value": 136.2, "status": "spec gate not met", "note": "400 samples"},
+            {"gate": "speed", "spec": "> 15", "value": 24.0, "status": "spec gate met"}]
+    v = verdict(TESTS_OK, result, rows, controls, require_human=False, spec_rows=spec)
+    assert v["status"] == "pass" and v["headline"] == "pass — spec gate not met: fid = 136.2 (spec < 50)"
+    report = {"milestone": "toy", "title": "t", "profile": "quick", "gates": rows, "controls": controls,
+              "tests": TESTS_OK, "criteria": [], **v, "error": None,
+              "provenance": {"seed": 0, "git": {"commit": "a" * 40, "dirty": False}, "wall_time_s": 1.0,
+                             "device": {"device": "cpu"}, "command": "c", "network": {"statement": "offline"},
+                             "libraries": {}}}
+    md = to_markdown(report)
+    assert "SPEC GATE NOT MET" in md.splitlines()[0] and "**spec gate not met**" in md
