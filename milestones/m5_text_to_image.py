@@ -15,7 +15,8 @@ Controls, measured every run with the gates' protocol on 50 prompts (each must f
 untrained generator (the candidate's builder, fresh seed), a colour-only generator (the grader's
 world renderer: the prompt's colour, random shape, size and position; quick only), guidance 0
 (unconditional samples of the trained model), shuffled prompts. Pitfall symptoms: conditional
-and unconditional predictions equal (eps gap), loss flat after warm-up, guidance sign flipped.
+and unconditional predictions equal (eps gap), loss flat after warm-up, guidance sign flipped. Gates,
+controls, pitfalls and the code that measures them: :mod:`milestones.m5_checks`.
 
 - quick: embedded world, single-object scenes (the generator is trained on single-object train
   scenes and their 5 varied captions each; prompts are canonical captions "a {size} {colour}
