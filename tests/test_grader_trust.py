@@ -177,6 +177,13 @@ def test_verify_recomputes_status_from_controls():
     assert len(lines) == 3 and all(line["agree"] for line in lines)
     report["status"] = "fail"
     assert not compare(json.loads(json.dumps(report)), rows, [], M, 1e-3, controls)[1]
+    # validation numbers are re-measured too: an edited one differs, a missing one is a problem
+    measured = {"split": "world/val", "n": 10, "metrics": {"val_acc": 0.8}}
+    report["validation"] = {**measured, "metrics": {"val_acc": 0.85}}
+    lines, problems = compare(report, rows, [], M, 1e-3, controls, measured)
+    assert lines[-1]["gate"] == "validation val_acc" and not lines[-1]["agree"] and not problems
+    report["validation"] = {}
+    assert any("validation val_acc is missing" in p for p in compare(report, rows, [], M, 1e-3, controls, measured)[1])
 
 
 def test_calibration_table_from_runs(tmp_path, monkeypatch):
