@@ -3,6 +3,8 @@
     python -m benchmarks.calibrate m1                 3 runs: (seed, world seed) = (0, 0), (1, 1), (2, 2)
     python -m benchmarks.calibrate m1 m2 --jobs 2     two runs at a time, one torch thread each
     python -m benchmarks.calibrate m1 --collect-only  rebuild the tables from runs already made
+    python -m benchmarks.calibrate m4 --pairs 1,1 2,2 run only these (seed, world seed) pairs, then
+                                                      tabulate every run of PAIRS found
 
 Each run is ``grader.py MID --seed S --world-seed W`` (training seed and world seed both differ),
 into ``runs/calibration/MID/sS-wW/``; its report.json and report.md are copied to
@@ -13,6 +15,11 @@ best control and below the worst honest run by at least ``margin = max(SIGMAS x 
 runs' standard deviation, REL x |worst honest|)`` (a gate's spread across seeds, and a floor for
 when three runs happen to agree); the 'suggested' column is ``worst honest - margin`` (in the
 gate's direction). Moving a threshold is a commit that cites this table.
+
+While runs are in progress the tables are not written (``--collect-only`` refuses, exit 2):
+files written into ``results/`` then would be untracked changes in the tree those runs record,
+and every report made meanwhile would say "dirty". A run in progress is a file
+``runs/calibration/.running/PID`` whose process is alive.
 """
 
 from __future__ import annotations
@@ -34,6 +41,25 @@ SIGMAS = 3.0  # the margin below the worst honest run, in standard deviations of
 REL = 0.02  # ... and at least this share of the worst honest value
 
 
+class CalibrationBusy(RuntimeError):
+    """Tables asked for while calibration runs are in progress."""
+
+
+def running_pids() -> list[int]:
+    """The pids of calibration processes whose runs are in progress (stale lock files removed)."""
+    live = []
+    for lock in sorted((RUNS / ".running").glob("*")) if (RUNS / ".running").is_dir() else []:
+        try:
+            pid = int(lock.name)
+            os.kill(pid, 0)
+            live.append(pid)
+        except (ValueError, ProcessLookupError):
+            lock.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            live.append(int(lock.name))
+    return live
+
+
 def run_folder(mid: str, seed: int, world: int) -> Path:
     return RUNS / mid / f"s{seed}-w{world}"
 
@@ -46,6 +72,16 @@ def command(mid: str, seed: int, world: int) -> list[str]:
 def run_all(jobs: list[tuple[str, int, int]], parallel: int) -> None:
     """Run the grader for each (mid, seed, world) not yet graded, ``parallel`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    lock = RUNS / ".running" / str(os.getpid())
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    try:
+        _run_jobs(jobs, parallel, env)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run_jobs(jobs: list[tuple[str, int, int]], parallel: int, env: dict) -> None:
     todo = [j for j in jobs if not (run_folder(*j) / j[0] / "report.json").exists()]
     running: list[tuple[subprocess.Popen, tuple, float]] = []
     while todo or running:
@@ -67,8 +103,13 @@ def run_all(jobs: list[tuple[str, int, int]], parallel: int) -> None:
 
 
 def collect(mid: str, pairs=PAIRS) -> dict:
-    """The calibration table of ``mid`` from its runs' reports."""
+    """The calibration table of ``mid`` from its runs' reports (refused with
+    :class:`CalibrationBusy` while calibration runs are in progress)."""
     from milestones import load
+    busy = running_pids()
+    if busy:
+        raise CalibrationBusy(f"calibration runs are in progress (pid {', '.join(map(str, busy))}): collect when "
+                              f"they end, a table written now would make their reports dirty")
     m = load(mid)
     runs = []
     for seed, world in pairs:
@@ -138,17 +179,35 @@ def to_markdown(table: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def pair(text: str) -> tuple[int, int]:
+    """``--pairs`` item ``S,W``: one of :data:`PAIRS` (the tables read those)."""
+    try:
+        value = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        value = ()
+    if value not in PAIRS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give SEED,WORLD, one of " + " ".join(f"{s},{w}" for s, w in PAIRS))
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("milestones", nargs="+")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--collect-only", action="store_true", help="only rebuild the tables from existing runs")
+    p.add_argument("--pairs", nargs="+", type=pair, default=list(PAIRS), metavar="S,W",
+                   help="the (seed, world seed) pairs to run, of " + " ".join(f"{s},{w}" for s, w in PAIRS))
     args = p.parse_args(argv)
     if not args.collect_only:
-        run_all([(mid, s, w) for mid in args.milestones for s, w in PAIRS], args.jobs)
+        run_all([(mid, s, w) for mid in args.milestones for s, w in args.pairs], args.jobs)
+    try:
+        tables = [collect(mid) for mid in args.milestones]
+    except CalibrationBusy as e:
+        print(f"calibrate: error: {e}", file=sys.stderr)
+        return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for mid in args.milestones:
-        table = collect(mid)
+    for table in tables:
+        mid = table["milestone"]
         (RESULTS / f"{mid}.json").write_text(json.dumps(table, indent=2))
         (RESULTS / f"{mid}.md").write_text(to_markdown(table))
         print(to_markdown(table))

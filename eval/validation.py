@@ -11,6 +11,14 @@ import torch
 
 from eval.reference.data.split import DataSplit
 
+RULE = "recipes are chosen on these numbers; the test split is the gates' alone, measured once per recipe"
+
+
+def record(split_name: str, n: int, metrics: dict[str, float], protocol: str) -> dict:
+    """What a run reports as ``RunResult.validation``: the validation split's name and size, the
+    numbers measured on it (the gates' own metrics where they apply), how, and :data:`RULE`."""
+    return {"split": split_name, "n": n, "metrics": metrics, "protocol": protocol, "rule": RULE}
+
 
 def hold_out(split: DataSplit, n_val: int) -> tuple[DataSplit, DataSplit]:
     """(train, val): ``val`` is the last ``n_val / C`` images of each of the C classes, in the

@@ -170,6 +170,15 @@ def to_markdown(report: dict) -> str:
                        f"{c['direction']} {fmt(c['threshold'])} | {'fails, as it must' if c['passed'] else '**' + c['status'] + '**'} |")
         if not report["controls"]:
             out.append("| (none measured: the run did not get that far) | | | | | |")
+    if "validation" in report:
+        out += ["", "## Validation (what recipes are chosen on)", ""]
+        v = report["validation"]
+        if v:
+            out += [f"{v['rule'].capitalize()}. Split `{v['split']}`, {v['n']} items; {v['protocol']}.", "",
+                    "| metric | value |", "|---|---|"] + [f"| {k} | {fmt(x)} |" for k, x in v["metrics"].items()]
+            out += ["", f"**Note:** {v['note']}"] if v.get("note") else []
+        else:
+            out.append("Not measured: this profile has no validation split.")
     t = report["tests"]
     out += ["", "## Shape tests", "", f"{t.get('summary', 'not run')} — `{t.get('command', '')}`", "",
             "## Acceptance criteria", ""]

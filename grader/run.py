@@ -235,6 +235,7 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
     report.update({
         **grade_, "error": error, "gates": rows, "controls": controls,
         "symptoms": result.symptoms if result else {},
+        "validation": result.validation if result else {},
         "metrics": result.metrics if result else {},
         "info": result.info if result else ({"training_diverged": diverged} if diverged else {}),
         "datasets": result.datasets if result else [], "checkpoint": ckpt,

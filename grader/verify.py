@@ -81,10 +81,19 @@ def _key(d: dict) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
+def line(name: str, recorded, measured, tol: float) -> dict:
+    """One re-measured number: recorded, measured, their difference, the tolerance, agree."""
+    both = None not in (recorded, measured)
+    return {"gate": name, "recorded": recorded, "measured": measured,
+            "diff": abs(recorded - measured) if both else None,
+            "tolerance": tol * max(1.0, abs(recorded)) if recorded is not None else None,
+            "agree": agrees(recorded, measured, tol)}
+
+
 def compare(report: dict, rows: list[dict], datasets: list[dict], milestone, tol: float,
-            controls: list[dict] = ()) -> tuple[list[dict], list[str]]:
-    """(one line per gate and per control row: recorded, measured, difference, agree; problems
-    found in the report)."""
+            controls: list[dict] = (), validation: dict | None = None) -> tuple[list[dict], list[str]]:
+    """(one line per gate, per control row and per validation number: recorded, measured,
+    difference, agree; problems found in the report)."""
     problems = []
     if sorted(map(_key, datasets)) != sorted(map(_key, report["datasets"])):
         raise UsageError("verify: the data loaded now does not match the report's dataset identities and hashes "
@@ -105,11 +114,7 @@ def compare(report: dict, rows: list[dict], datasets: list[dict], milestone, tol
         if gate is not None and threshold is not None and gate.passes(rec["value"], threshold) != bool(rec["passed"]):
             problems.append(f"gate {row['gate']}: recorded verdict {'pass' if rec['passed'] else 'fail'} does not "
                             f"follow from its recorded value {rec['value']} and threshold {threshold}")
-        both = None not in (rec["value"], row["value"])
-        lines.append({"gate": row["gate"], "recorded": rec["value"], "measured": row["value"],
-                      "diff": abs(rec["value"] - row["value"]) if both else None,
-                      "tolerance": tol * max(1.0, abs(rec["value"])) if rec["value"] is not None else None,
-                      "agree": agrees(rec["value"], row["value"], tol)})
+        lines.append(line(row["gate"], rec["value"], row["value"], tol))
     rec_controls = {(c["control"], c["gate"]): c for c in report.get("controls", [])}
     for row in controls:
         rec = rec_controls.get((row["control"], row["gate"]))
@@ -117,11 +122,14 @@ def compare(report: dict, rows: list[dict], datasets: list[dict], milestone, tol
         if rec is None:
             problems.append(f"{name} is missing from the report")
             continue
-        both = None not in (rec["value"], row["value"])
-        lines.append({"gate": name, "recorded": rec["value"], "measured": row["value"],
-                      "diff": abs(rec["value"] - row["value"]) if both else None,
-                      "tolerance": tol * max(1.0, abs(rec["value"])) if rec["value"] is not None else None,
-                      "agree": agrees(rec["value"], row["value"], tol)})
+        lines.append(line(name, rec["value"], row["value"], tol))
+    rec_val = (report.get("validation") or {}).get("metrics", {})
+    measured_val = ((validation or {}).get("metrics") or {}) if "validation" in report else {}  # older reports: none
+    for key, value in measured_val.items():
+        if key not in rec_val:
+            problems.append(f"validation {key} is missing from the report")
+            continue
+        lines.append(line(f"validation {key}", rec_val[key], value, tol))
     from grader.run import verdict
     require_human = bool((report["provenance"].get("options") or {}).get("require_human"))
     expected = verdict(report.get("tests") or {}, True, report["gates"], report.get("controls", []), require_human)
@@ -165,7 +173,7 @@ def main(argv) -> int:
         result = measure(milestone, run_args, Path(tmp), ckpt)
         rows = gate_rows(milestone, result, report["profile"])
         controls = control_rows(milestone, result, report["profile"])
-    lines, problems = compare(report, rows, result.datasets, milestone, args.tolerance, controls)
+    lines, problems = compare(report, rows, result.datasets, milestone, args.tolerance, controls, result.validation)
     print(table(lines))
     for p in problems:
         print(f"report problem: {p}")

@@ -152,6 +152,9 @@ class RunResult:
     figures: paths of PNG figures written.
     controls: control name -> {gate key: value}, each measured with that gate's protocol.
     symptoms: numbers the pitfalls read (temperature, attention entropy, loss ratios ...).
+    validation: what recipes are chosen on (:func:`eval.validation.record`): the numbers on a
+        validation split carved from training data, never the test split; empty when the
+        profile has none (the report says so).
     """
 
     metrics: dict[str, float]
@@ -162,6 +165,7 @@ class RunResult:
     figures: list[str] = field(default_factory=list)
     controls: dict[str, dict[str, float]] = field(default_factory=dict)
     symptoms: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
 
 
 class Milestone:

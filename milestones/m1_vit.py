@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from eval.classification import accuracy, confusion_matrix
 from eval.classification_controls import constant_predictions, permuted_labels
 from eval.diagnostics import loss_drop_after_warmup
-from eval.validation import hold_out
+from eval.validation import hold_out, record
 from eval.vit_symptoms import cls_attention_entropy, patch_shuffle_change, relative_change
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Control, Criterion, Gate, Milestone, Pitfall, RunContext, RunResult
@@ -426,22 +426,24 @@ class M1(Milestone):
         ctx.log(f"data: {train_split.name} {len(train_split)} images, "
                 + (f"{val_split.name} {len(val_split)} images, " if val_split else "")
                 + f"{test_split.name} {len(test_split)} images")
-        info, summary, init_pos = {}, None, None
+        info, summary, init_pos, val_note = {}, None, None, None
         if ctx.checkpoint:
             model, ckpt = load_model(ctx.checkpoint, impl), str(ctx.checkpoint)
             held = (stored_recipe(ctx.checkpoint) or {}).get("n_val", 0)
             if val_split is not None and recipe.data != "world" and held != recipe.n_val:
-                info["val_note"] = (f"the checkpoint's recipe held out n_val={held}, this one {recipe.n_val}: "
+                val_note = (f"the checkpoint's recipe held out n_val={held}, this one {recipe.n_val}: "
                                     f"its training may have seen the validation images")
         else:
             model, summary = train(recipe, train_split, ctx, impl=impl)
             ckpt, info["training"] = str(ctx.out_dir / "checkpoint.pt"), summary
             init_pos = impl.vit_embeddings(build(recipe, ctx.seed, impl))["pos_embed"].detach()
+        validation = {}
         if val_split is not None:  # the number recipes are chosen on
-            info["val_accuracy"] = evaluate(model, val_split, impl)["test_accuracy"]
-            ctx.log(f"validation accuracy {info['val_accuracy']:.4f} ({val_split.name}, {len(val_split)} images)")
-        info["selection"] = ("recipes are chosen on val_accuracy; the test split is measured once per recipe"
-                             if val_split is not None else "no validation split in this recipe (n_val 0)")
+            acc = evaluate(model, val_split, impl)["test_accuracy"]
+            validation = record(val_split.name, len(val_split), {"val_accuracy": acc}, "top-1 accuracy, as the gate")
+            if val_note:
+                validation["note"] = val_note
+            ctx.log(f"validation accuracy {acc:.4f} ({val_split.name}, {len(val_split)} images)")
         preds = predict(model, test_split.images, impl).argmax(-1)  # (N,): the gate and both figures
         metrics = gate_metrics(preds, test_split.labels)
         info["train_accuracy"] = train_accuracy(model, train_split, impl=impl)  # not a gate: the overfitting gap
@@ -468,7 +470,7 @@ class M1(Milestone):
         datasets = [d.summary() for d in (train_split, val_split, test_split) if d is not None]
         return RunResult(metrics=metrics, info=info, datasets=datasets, checkpoint=ckpt,
                          config={"recipe": asdict(recipe), "profile": ctx.profile}, figures=figs,
-                         controls=controls, symptoms=symptoms)
+                         controls=controls, symptoms=symptoms, validation=validation)
 
 
 MILESTONE = M1()

@@ -28,6 +28,7 @@ from eval.probes import run_probes
 from eval.reference.data.world import (RGB, WorldConfig, canonical_caption, composition_classes,
                                        composition_label, scene_row)
 from eval.retrieval import image_to_image_topk, image_to_text_recall, text_to_image_recall, zero_shot_topk
+from eval.validation import record
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Milestone, RunContext, RunResult
 from milestones.m2_checks import (CONTROLS, FULL_UNTRAINED_N, GATES, PITFALLS, measure_controls, measure_symptoms,
@@ -66,6 +67,7 @@ class M2Recipe:
     n_train: int | None = 50_000  # None = the whole training split
     n_test: int | None = 2_000
     n_heldout: int | None = 1_000
+    n_val: int = 1_000  # the world's val split: what recipes are chosen on (0: none; full: none yet)
     model: dict = field(default_factory=lambda: dict(
         image_tower="vit", image_size=32, patch_size=8, vision_dim=96, vision_depth=4, vision_heads=4,
         context_length=32, text_dim=96, text_depth=2, text_heads=4, mlp_ratio=2.0, embed_dim=96))
@@ -84,7 +86,7 @@ class M2Recipe:
 
 RECIPES = {
     "quick": M2Recipe(),
-    "full": M2Recipe(data="coco", n_train=None, n_test=None, n_heldout=None, min_freq=5,
+    "full": M2Recipe(data="coco", n_train=None, n_test=None, n_heldout=None, n_val=0, min_freq=5,
                      model=dict(image_tower="vit", image_size=64, patch_size=8, vision_dim=384, vision_depth=8,
                                 vision_heads=6, context_length=40, text_dim=256, text_depth=4, text_heads=4,
                                 mlp_ratio=4.0, embed_dim=256),
@@ -95,9 +97,9 @@ RECIPES = {
 # --smoke: the same run path with a few GradCache steps (proves the path, not quality). The full
 # one reads a small COCO copy (the shared coco-mini, 80 train / 159 val images) and CIFAR-10.
 SMOKE_RECIPES = {
-    "quick": replace(RECIPES["quick"], n_train=2000, n_test=200, n_heldout=100, steps=6, batch_size=32,
+    "quick": replace(RECIPES["quick"], n_train=2000, n_test=200, n_heldout=100, n_val=100, steps=6, batch_size=32,
                      grad_accum=2, warmup_steps=2),
-    "full": replace(RECIPES["quick"], data="coco", n_train=None, n_test=None, n_heldout=None, steps=6,
+    "full": replace(RECIPES["quick"], data="coco", n_train=None, n_test=None, n_heldout=None, n_val=0, steps=6,
                     batch_size=32, grad_accum=2, warmup_steps=2),
 }
 
@@ -275,6 +277,21 @@ def evaluate_world(model, tok, test, heldout, impl: Implementation = CANDIDATE) 
                                  f"(colour, shape) compositions, prompt ensemble {list(TEMPLATES)}",
             "i2i_protocol": f"{int(single.sum())} single-object test images, relevant = same (colour, shape)"}
     return metrics, info, GateEmbeddings(zs_img, classifier, labels, txt, img, t2i)
+
+
+def validate_world(model, tok, val, impl: Implementation = CANDIDATE) -> dict:
+    """What quick recipes are chosen on (:func:`eval.validation.record`): on the world's val split,
+    retrieval with every caption a query, and zero-shot among all 80 compositions on its
+    single-object images (seen compositions: the held-out ones are the test's)."""
+    r, img, _, _ = retrieval(model, tok, val, impl)
+    scenes = val.meta["scenes"]
+    single = scenes["n_objects"] == 1
+    zs, _ = zero_shot(model, tok, img[single], composition_label(scenes)[single], composition_names(), impl)
+    metrics = {"val_t2i_R@10": r["t2i_R@10"], "val_i2t_R@10": r["i2t_R@10"],
+               "val_zeroshot_top1": zs["zeroshot_top1"], "val_zeroshot_top5": zs["zeroshot_top5"]}
+    return record(val.name, len(val), metrics, f"retrieval over its {len(val)} images and {r['n_text_queries']} "
+                  f"captions (ties against the query); zero-shot on its {int(single.sum())} single-object images "
+                  f"among all 80 compositions, prompt ensemble")
 
 
 # ------------------------------------------------------------------ controls and symptoms
@@ -456,9 +473,15 @@ def run_quick(ctx: RunContext, recipe: M2Recipe) -> RunResult:
     ctx.log(f"temperature {temp['temperature']:.4f} (logit scale {temp['logit_scale']:.1f}); "
             f"zero-shot top-5 {metrics['zeroshot_top5']:.3f}, t2i R@10 {metrics['t2i_R@10']:.3f}")
     figs = make_figures(model, tok, test, ctx, before)
+    validation = {}
+    if recipe.n_val:  # after every gate number: the test split is measured as if this were not here
+        val = world_split(ctx, "val", recipe.n_val)
+        splits.append(val)
+        validation = validate_world(model, tok, val)
+        ctx.log("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in validation["metrics"].items()))
     return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits], checkpoint=ckpt,
                      config={"recipe": asdict(recipe), "profile": "quick"}, figures=figs,
-                     controls=controls, symptoms=symptoms)
+                     controls=controls, symptoms=symptoms, validation=validation)
 
 
 def run_full(ctx: RunContext, recipe: M2Recipe) -> RunResult:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from eval.validation import record
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Control, Criterion, Gate, Milestone, Pitfall, RunContext, RunResult
 from milestones.common import (config_errors, data_root, load_into, read_checkpoint, to_float,
@@ -65,6 +66,7 @@ class M3Recipe:
     data: str = "world"  # "world" (embedded) or "coco"
     n_train: int | None = 10_240  # training images (None = the whole split)
     n_test: int | None = 500  # test images scored (None = the whole test split)
+    n_val: int = 500  # validation images scored, what recipes are chosen on (world: its val split; COCO: val half)
     model: dict = field(default_factory=lambda: dict(QUICK_MODEL))
     min_freq: int = 1  # tokenizer: words seen fewer times in training captions map to <unk>
     steps: int = 600
@@ -127,14 +129,22 @@ def coco_splits(root, image_size: int, limit: int | None = None):
 
 
 def load_data(recipe: M3Recipe, ctx: RunContext):
-    """(train, test) DataSplits with captions, from the grader's own loaders."""
+    """(train, val, test) DataSplits with captions, from the grader's own loaders; val (the
+    first ``recipe.n_val`` images of the world's val split / COCO's val half) is what recipes are
+    chosen on, None when ``n_val`` is 0."""
     if recipe.data == "world":
-        return world_split(ctx, "train", recipe.n_train), world_split(ctx, "test", recipe.n_test)
-    train, _, test = coco_splits(data_root(ctx, "coco", COCO_NEEDED), recipe.model["image_size"], recipe.n_train)
-    if recipe.n_test is not None:
-        test = replace(test, images=test.images[:recipe.n_test], captions=test.captions[:recipe.n_test],
-                       meta={k: v[:recipe.n_test] for k, v in test.meta.items()})
-    return train, test
+        return (world_split(ctx, "train", recipe.n_train), world_split(ctx, "val", recipe.n_val) if recipe.n_val else None,
+                world_split(ctx, "test", recipe.n_test))
+    train, val, test = coco_splits(data_root(ctx, "coco", COCO_NEEDED), recipe.model["image_size"], recipe.n_train)
+    return train, head(val, recipe.n_val) if recipe.n_val else None, head(test, recipe.n_test)
+
+
+def head(split, n: int | None):
+    """The first ``n`` images of a captioned split (all when None)."""
+    if n is None:
+        return split
+    return replace(split, images=split.images[:n], captions=split.captions[:n],
+                   meta={k: v[:n] for k, v in split.meta.items()})
 
 
 # ------------------------------------------------------------------ train / load
@@ -375,9 +385,9 @@ class M3(Milestone):
 
         impl, recipe = CANDIDATE, self.recipe(ctx)
         t0 = time.perf_counter()
-        train_split, test_split = load_data(recipe, ctx)
-        ctx.log(f"data: {train_split.name} {len(train_split)} images, {test_split.name} "
-                f"{len(test_split)} images ({time.perf_counter() - t0:.1f} s)")
+        train_split, val_split, test_split = load_data(recipe, ctx)
+        ctx.log("data: " + ", ".join(f"{s.name} {len(s)} images" for s in (train_split, val_split, test_split) if s)
+                + f" ({time.perf_counter() - t0:.1f} s)")
         info: dict = {"data_s": round(time.perf_counter() - t0, 1)}
         summary = None
         if ctx.checkpoint:
@@ -390,7 +400,7 @@ class M3(Milestone):
         info["model"] = {"parameters": sum(p.numel() for p in model.parameters()),
                          "vocab_size": len(tok), "output_head": "tied to the token embedding"
                          if model_config["tie_head"] else "untied"}
-        controls = {}
+        controls, validation = {}, {}
         try:
             metrics, ev, caps = evaluate(model, tok, test_split.images, test_split.captions, **decoding(recipe),
                                          progress=ctx.progress, impl=impl)
@@ -403,6 +413,13 @@ class M3(Milestone):
             info["controls"]["wall_s"] = round(time.perf_counter() - t0, 2)
             ctx.log("controls: " + "; ".join(f"{k} BLEU-4 {v['BLEU-4']:.3f} CIDEr {v['CIDEr']:.3f}"
                                              for k, v in controls.items()))
+            if val_split is not None:  # what recipes are chosen on; after the gates, which do not see it
+                val_metrics = evaluate(model, tok, val_split.images, val_split.captions, **decoding(recipe),
+                                       methods=("beam",), impl=impl)[0]
+                validation = record(val_split.name, len(val_split), {f"val_{k}": val_metrics[k] for k in GATES},
+                                    "the gates' beam search and scoring (PTB tokens, pycocoevalcap; CIDEr-D's "
+                                    "IDF from the validation references)")
+                ctx.log("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in validation["metrics"].items()))
         except JavaMissingError as e:  # gates and controls: "not measured"; the other metrics say why
             metrics = {k: f"not run ({e})" for k in ("BLEU-1", "BLEU-2", "BLEU-3", "METEOR", "ROUGE_L", "SPICE")}
             info["metrics_error"] = f"caption metrics and controls not computed: {e}"
@@ -423,10 +440,11 @@ class M3(Milestone):
                                        vocab=impl.caption_vocab(tok), captions=caps, eos_id=special["eos"],
                                        pad_id=special["pad"])
         info["figure_captions"] = caps
-        return RunResult(metrics=metrics, info=info, datasets=[train_split.summary(), test_split.summary()],
+        return RunResult(metrics=metrics, info=info,
+                         datasets=[s.summary() for s in (train_split, val_split, test_split) if s is not None],
                          checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": ctx.profile,
                                                   "model": dict(model_config)},
-                         figures=[fig], controls=controls, symptoms=symptoms)
+                         figures=[fig], controls=controls, symptoms=symptoms, validation=validation)
 
 
 MILESTONE = M3()

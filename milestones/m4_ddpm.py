@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from eval.validation import record
 from milestones.adapters import CANDIDATE
 from milestones.base import Control, Criterion, Gate, Milestone, Pitfall, RunContext, RunResult
 from milestones.common import (CheckpointError, config_errors, data_root, load_into, read_checkpoint,
@@ -136,6 +137,18 @@ ETA_NOTE = ("DDIM's eta (Song et al. 2021, eq. 16). The FID gates use the determ
             "stochastic DDIM-50 (eta_compare = 1) with DDPM, and the deterministic sampler's difference is reported "
             "beside it as the spec row ddim_eta0_vs_ddpm_fid_rel_diff, met or not. The full profile (a well-trained "
             "CIFAR-10 model) compares eta = 0, where DDIM-50 matches DDPM (DDIM paper, Table 1: 4.67 vs 4.73).")
+
+
+def validation_record(recipe, floor, info: dict) -> dict:
+    """What recipes are chosen on: the gate's DDIM samples' FID against the world's val split (the
+    floor set, disjoint from the test reference) in each space; none on CIFAR-10, whose floor set
+    is training images."""
+    if recipe.data != "world":
+        return {}
+    fids = {f"val_{'fid' if space == 'inception' else 'in_domain_fid'}_ddim50": v["val"]
+            for space, v in info["fids"].items() if v.get("val") is not None}
+    return record(floor.name, recipe.n_ddim, fids, f"FID of the {recipe.n_ddim} gate DDIM samples against the "
+                  f"first {recipe.n_ddim} val images instead of the test reference, each space's features")
 
 
 # ------------------------------------------------------------------ data
@@ -416,7 +429,8 @@ class M4(Milestone):
         return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in (train_split, ref, floor)],
                          checkpoint=ckpt, config={"recipe": asdict(recipe), "profile": ctx.profile,
                                                   "recipe_name": f"{ctx.profile}-smoke" if smoke else ctx.profile},
-                         figures=figs, controls=controls, symptoms=symptoms)
+                         figures=figs, controls=controls, symptoms=symptoms,
+                         validation=validation_record(recipe, floor, info))
 
 
 def spec_rows(metrics: dict, thresholds: dict, recipe: M4Recipe, profile: str) -> list[dict]:

@@ -144,6 +144,8 @@ def evaluate(model, schedule, recipe, ref, floor, spaces: dict[str, Space], thre
         f[name] = {"ddim": sp.fid(fd), f"ddim@{M}": sp.fid(fd[:M]), f"ddpm@{M}": sp.fid(fp),
                    "floor": floors[name][N], f"floor@{M}": floors[name][M]}
         f[name]["compare"] = f[name][f"ddim@{M}"] if fc is None else sp.fid(fc)
+        # validation: the same samples against the floor set's first N (world val), not the test reference
+        f[name]["val"] = frechet(Stats.of(sp.floor[:N]), Stats.of(fd)) if len(sp.floor) >= N else None
     fid_s = time.perf_counter() - t0
     inc = f["inception"]
     per_ddim, per_ddpm = ddim_s / N, ddpm_s / M

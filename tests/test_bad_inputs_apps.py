@@ -255,7 +255,7 @@ def test_record_twice_keeps_both_annotators_and_gate_reports_them(tmp_path, caps
 
 def test_m5_human_gate_reports_each_annotator(tmp_path, capsys):
     from eval.human_eval import describe_record, sheet_meta
-    from milestones import m5_text_to_image as m5
+    from milestones import m5_checks, m5_text_to_image as m5
     from milestones.base import RunContext, RunResult
     prompts = [f"prompt {i}" for i in range(10)]
     images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
@@ -269,7 +269,7 @@ def test_m5_human_gate_reports_each_annotator(tmp_path, capsys):
     assert [p["value"] for p in info["annotators"]] == [0.6, 0.7]
     assert info["agreement"]["kappa"] == pytest.approx(8 / 23)
     assert describe_record(info) == "0.65, mean of 2 annotator(s) (alice 0.60, bob 0.70; cohen_kappa 0.35)"
-    assert "mean" in m5.HUMAN_GATE.description and "annotators" in m5.HUMAN_GATE.description
+    assert "mean" in m5_checks.HUMAN_GATE.description and "annotators" in m5_checks.HUMAN_GATE.description
     metrics = {"clip_score": 0.5, "clip_score_margin": 0.3, "prompt_match": 0.8, "guidance_gain": 0.1}
     rows = m5.MILESTONE.verdicts(RunResult(metrics={**metrics, "human_prompt_match": info["value"]}), "quick")
     assert rows[-1]["gate"] == "human_prompt_match" and not rows[-1]["passed"]  # 0.65 < 0.70

@@ -4,7 +4,9 @@ every segment of a run. Constructed inputs with known answers; no training."""
 
 import argparse
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -175,6 +177,13 @@ def test_verify_recomputes_status_from_controls():
     assert len(lines) == 3 and all(line["agree"] for line in lines)
     report["status"] = "fail"
     assert not compare(json.loads(json.dumps(report)), rows, [], M, 1e-3, controls)[1]
+    # validation numbers are re-measured too: an edited one differs, a missing one is a problem
+    measured = {"split": "world/val", "n": 10, "metrics": {"val_acc": 0.8}}
+    report["validation"] = {**measured, "metrics": {"val_acc": 0.85}}
+    lines, problems = compare(report, rows, [], M, 1e-3, controls, measured)
+    assert lines[-1]["gate"] == "validation val_acc" and not lines[-1]["agree"] and not problems
+    report["validation"] = {}
+    assert any("validation val_acc is missing" in p for p in compare(report, rows, [], M, 1e-3, controls, measured)[1])
 
 
 def test_calibration_table_from_runs(tmp_path, monkeypatch):
@@ -201,6 +210,27 @@ def test_calibration_table_from_runs(tmp_path, monkeypatch):
     md = cal.to_markdown(table)
     assert "| (2, 2) | untrained model | test_accuracy | 0.11 |" in md
     assert (tmp_path / "results" / "runs" / "m1" / "s1-w1" / "report.json").exists()
+
+
+def test_calibration_tables_wait_for_runs_in_progress(tmp_path, monkeypatch, capsys):
+    """Tables written while calibration runs are alive would make those runs' reports dirty: a
+    live lock refuses (exit 2, one line), a stale one (dead pid) is removed and collection runs."""
+    import benchmarks.calibrate as cal
+    monkeypatch.setattr(cal, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(cal, "RESULTS", tmp_path / "results")
+    locks = tmp_path / "runs" / ".running"
+    locks.mkdir(parents=True)
+    (locks / str(os.getpid())).touch()  # this process: alive
+    assert cal.main(["m1", "--collect-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in progress" in err[0] and not (tmp_path / "results").exists()
+    (locks / str(os.getpid())).unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (locks / dead.stdout.strip()).touch()
+    assert cal.main(["m1", "--collect-only"]) == 0 and (tmp_path / "results" / "m1.md").exists()
+    assert not list(locks.iterdir())
+    with pytest.raises(SystemExit):
+        cal.main(["m1", "--pairs", "3,3"])  # not one of PAIRS: argparse's usage error (exit 2)
 
 
 def test_criteria_proved_by_slow_tests_are_not_claimed(tmp_path, monkeypatch):

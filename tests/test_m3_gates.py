@@ -185,8 +185,11 @@ def test_coco_mini_end_to_end(tmp_path):
     """Real COCO images and references: train a few steps, decode, score with pycocoevalcap."""
     ctx = RunContext(profile="full", out_dir=tmp_path, data_root=COCO_MINI, progress=False, smoke=True)
     result = MILESTONE.run(ctx)
-    train_info, test_info = result.datasets
+    train_info, val_info, test_info = result.datasets
     assert train_info["name"] == "coco/train2017" and train_info["n_images"] == 80
+    assert val_info["name"] == "coco/val2017-val" and val_info["n_images"] == 159 // 2  # recipes are chosen here
+    assert result.validation["split"] == "coco/val2017-val" and set(result.validation["metrics"]) == {
+        "val_BLEU-4", "val_CIDEr"}
     assert test_info["name"] == "coco/val2017-test" and test_info["n_images"] == 159 - 159 // 2
     assert test_info["n_captions"] >= 5 * test_info["n_images"]  # the real references, all of them
     for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr",

@@ -32,7 +32,7 @@ import torch
 
 from eval.prompt_match import world_prompts
 from eval.reference.data.world import make_split
-from milestones import m5_text_to_image as m5
+from milestones import m5_checks, m5_text_to_image as m5
 from milestones.adapters import CANDIDATE as impl
 from milestones.base import RunContext, RunResult
 from milestones.common import to_float
@@ -112,7 +112,7 @@ def measure(model, env, sample=None, full=False):
 
 
 def symptoms_of(model, env, metrics, training=None, warmup=SMALL.warmup_steps):
-    return m5.measure_symptoms(model, env["test"].images[:16], env["real_caps"][:16], 0, metrics, training, warmup)
+    return m5_checks.measure_symptoms(model, env["test"].images[:16], env["real_caps"][:16], 0, metrics, training, warmup)
 
 
 def pitfalls_named(rows) -> set[str]:
@@ -144,7 +144,7 @@ def test_untrained_generator_fails(env):
     metrics, passed, rows, _ = measure(tiny_generator(env), env, full=True)
     # the zero-initialised output layer predicts v = 0 for every prompt: v_c = v_u, guidance does nothing
     assert metrics["prompt_match"] < 0.1 and metrics["guidance_gain"] == 0.0
-    for gate in m5.SAMPLE_GATES + ("guidance_gain_sign_p",):  # clip_score included (0.257 > 0.25 under the old judge)
+    for gate in m5_checks.SAMPLE_GATES + ("guidance_gain_sign_p",):  # clip_score included (0.257 > 0.25 under the old judge)
         assert not passed[gate], (gate, metrics[gate])
     assert "conditional and unconditional predictions equal" in pitfalls_named(rows)
 
@@ -156,14 +156,14 @@ def test_every_control_fails_its_gates(env):
     sample = m5.sampler_for(model, SMALL.sampling, seed=0)
     metrics, passed, _, samples = measure(model, env, sample, full=True)
     assert all(passed.values())  # the gates themselves can be passed ...
-    controls = m5.measure_controls(sample, m5.sampler_for(tiny_generator(env), SMALL.sampling, seed=0), env["judges"],
+    controls = m5_checks.measure_controls(sample, m5.sampler_for(tiny_generator(env), SMALL.sampling, seed=0), env["judges"],
                                    samples, env["prompts"], metrics["clip_score_shuffled"], SMALL.sampling.guidance,
                                    20, 0, colour_only=True)
     rows = m5.MILESTONE.control_rows(RunResult(metrics=metrics, controls=controls), "quick")
     assert {r["control"] for r in rows} == {c.name for c in m5.MILESTONE.controls}
     assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]  # ... and each control fails them
     gated = {r["gate"] for r in rows}
-    assert set(m5.SAMPLE_GATES) | {"guidance_gain_sign_p"} <= gated
+    assert set(m5_checks.SAMPLE_GATES) | {"guidance_gain_sign_p"} <= gated
 
 
 def test_text_conditioning_ignored_is_diagnosed(env):
