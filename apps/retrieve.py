@@ -221,7 +221,8 @@ def main(argv=None) -> int:
             raise RetrieveError(problem)
         model, tok, ck = load_clip(path)
         spec = IndexSpec(kind=a.kind, ef_search=a.ef_search)
-        index = open_index(model, tok, ck, path, spec, a.gallery, a.data_root, a.index, a.rebuild_index)
+        index = open_index(model, tok, ck, path, spec, a.gallery, a.data_root, a.index, a.rebuild_index,
+                           progress=sys.stderr.isatty())  # a bar while embedding, on a terminal
         qimg = None
         if m:
             if int(m.group(1)) >= len(index.gallery):

@@ -119,7 +119,7 @@ def site(tmp_path_factory, trained_clip):
 def browser_page(site):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 2000})  # tall: a screenshot shows the results
         page.goto(site["url"])
         page.get_by_text("mmsys: retrieval, text to image, human evaluation").wait_for(timeout=60_000)
         yield page
@@ -130,6 +130,13 @@ def shots() -> Path:
     folder = Path(os.environ.get("MMSYS_SCREENSHOTS") or os.environ.get("PYTEST_TMP_SHOTS", "/tmp/mmsys-page-shots"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def shoot(page, name: str) -> None:
+    """A screenshot once every image on the page has loaded."""
+    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+                           timeout=30_000)
+    page.screenshot(path=str(shots() / name))
 
 
 def result_rows(page) -> list[list[str]]:
@@ -148,7 +155,7 @@ def test_text_query_top_result_matches(browser_page, expected):
     assert rows, "no result table"
     top = rows[0][-1]
     assert colour in top and shape in top and top == top_caption, (query, rows[:3])
-    page.screenshot(path=str(shots() / "search-text.png"), full_page=True)
+    shoot(page, "search-text.png")
 
 
 def test_image_upload_finds_images(browser_page, site, tmp_path):
@@ -162,7 +169,7 @@ def test_image_upload_finds_images(browser_page, site, tmp_path):
     page.get_by_role("button", name="search").click()
     page.get_by_text("top ").filter(has_text="image query: query.png").wait_for(timeout=60_000)
     assert len(result_rows(page)) == 10
-    page.screenshot(path=str(shots() / "search-image.png"), full_page=True)
+    shoot(page, "search-image.png")
 
 
 def test_human_evaluation_answer_is_recorded(browser_page, site):
@@ -177,7 +184,7 @@ def test_human_evaluation_answer_is_recorded(browser_page, site):
         group.get_by_text("yes" if i < 7 else "no", exact=True).click()
     page.get_by_role("button", name="save answers").click()
     page.get_by_text("saved: 0.70 (7/10 yes) by 'carol'").wait_for(timeout=30_000)
-    page.screenshot(path=str(shots() / "human-eval.png"), full_page=False)
+    shoot(page, "human-eval.png")
     run = site["work"] / "runs" / "m5"
     human = m5.human_gate(RunContext(out_dir=run, progress=False), site["images"], site["prompts"], site["meta"])
     assert human["status"] == "recorded" and human["value"] == pytest.approx(0.7)
