@@ -20,7 +20,6 @@ embedding dimension, or whose files do not match their recorded hashes.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmsys.data.paths import atomic_torch_save, atomic_write_text, sha256_file
-from mmsys.tempfiles import make_temp, remove_stale_temps
+from mmsys.data.paths import atomic_torch_save, atomic_write_text, atomic_write_with, sha256_file
 
 KINDS = ("flat", "hnsw")
 FORMAT = 1  # meta.json's layout version
@@ -159,15 +157,7 @@ def build(model, tokenizer, gallery: Gallery, spec: IndexSpec, checkpoint_sha256
 
 def _write_faiss(index, path: Path) -> None:
     import faiss
-    remove_stale_temps(path)
-    fd, tmp = make_temp(path)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_with(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 FILES = ("images.faiss", "texts.faiss", "gallery.pt")
