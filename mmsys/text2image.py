@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -282,7 +282,7 @@ class TextToImage(nn.Module):
                       steps: int = SAMPLING.steps, n: int = 1,
                       generator: torch.Generator | Sequence[torch.Generator] | None = None, seed: int | None = None,
                       eta: float = SAMPLING.eta, batch_size: int = 128, bf16: bool = True, clip_x0: bool = True,
-                      progress: bool = False) -> torch.Tensor:
+                      progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Sample images for prompts with classifier-free guidance (defaults: :data:`SAMPLING`).
 
         Args:
@@ -298,6 +298,8 @@ class TextToImage(nn.Module):
             bf16: run the U-Net under bf16 autocast (sampler arithmetic stays float32).
             clip_x0: clip each step's predicted x_0 to [-1, 1] (static thresholding, as in GLIDE /
                 Imagen; keeps guided samples from saturating).
+            on_step: called as ``on_step(done, total)`` after every reverse step of every batch
+                (a progress indicator; ``total`` = batches x steps).
         Returns:
             uint8 (P * n, 3, H, W).
         """
@@ -320,17 +322,23 @@ class TextToImage(nn.Module):
         was = self.training
         self.eval()
         dev = next(self.unet.parameters()).device
-        out = []
+        out, n_steps = [], steps if sampler == "ddim" else self.schedule.T
+        total, done = -(-N // batch_size) * n_steps, [0]
+
+        def step_done(*_):
+            done[0] += 1
+            on_step(done[0], total)
         for a in range(0, N, batch_size):
             b = min(N, a + batch_size)
             g = generator if gens is None else gens[a:b]
             out.append(self._sample(prompts[a:b], negs[a:b], guidance, sampler, steps, g, eta, bf16, progress, dev,
-                                    clip_x0))
+                                    clip_x0, step_done if on_step else None))
         self.train(was)
         x = torch.cat(out)
         return to_uint8(x).cpu()
 
-    def _sample(self, prompts, negs, guidance, sampler, steps, generator, eta, bf16, progress, dev, clip_x0):
+    def _sample(self, prompts, negs, guidance, sampler, steps, generator, eta, bf16, progress, dev, clip_x0,
+                on_step=None):
         """One batch through the one reverse loop (:func:`mmsys.diffusion.samplers.sample`) with
         the (guided) eps function; returns float x_0 (B, 3, H, W)."""
         B, S = len(prompts), self.cfg.image_size
@@ -342,7 +350,7 @@ class TextToImage(nn.Module):
             def eps_fn(x, t):
                 return self(x, t, cond, cmask)
         smp = make_sampler(self.schedule, sampler, steps if sampler == "ddim" else None, eta, clip_x0)
-        return sample(eps_fn, smp, (B, 3, S, S), generator, device=dev, bf16=bf16, progress=progress)
+        return sample(eps_fn, smp, (B, 3, S, S), generator, device=dev, bf16=bf16, progress=progress, on_step=on_step)
 
 
 def snr_weight(snr: torch.Tensor, gamma: float | None) -> torch.Tensor:

@@ -307,27 +307,43 @@ def test_record_into_a_file_that_is_not_a_record_is_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- retrieve: index cache
 
-@pytest.mark.parametrize("corruption", ["random bytes", "truncated", "not an index"])
+@pytest.mark.parametrize("corruption", ["random bytes", "truncated", "meta not JSON", "other checkpoint"])
 def test_corrupt_retrieval_index_is_rebuilt(corruption, tmp_path, capsys):
+    """The program's own index folder is rebuilt, with one warning line, when a file is damaged or
+    it was made from another checkpoint; the rebuilt index gives the same results."""
+    import json
     from test_retrieve import untrained_checkpoint  # tests/ is on sys.path
     ckpt = untrained_checkpoint(tmp_path / "checkpoint.pt", {"dataset": "world", "split": "test", "n": 16})
     args = ["a red circle on the left", "-k", "3", "--checkpoint", str(ckpt), "--force", "--out"]
     assert retrieve.main(args + [str(tmp_path / "a.png")]) == 0
-    cache = tmp_path / "retrieval_index.pt"
-    good = torch.load(cache, weights_only=True)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".retrieval_index")]  # no temporary left
+    first = capsys.readouterr().out
+    folder = tmp_path / "index" / "world-flat"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left
+    faiss_file, meta = folder / "images.faiss", folder / "meta.json"
     if corruption == "random bytes":
-        cache.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                        dtype=torch.uint8).numpy().tobytes())
+        faiss_file.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                             dtype=torch.uint8).numpy().tobytes())
     elif corruption == "truncated":
-        cache.write_bytes(cache.read_bytes()[:1000])
+        faiss_file.write_bytes(faiss_file.read_bytes()[:100])
+    elif corruption == "meta not JSON":
+        meta.write_text("{ half")
     else:
-        torch.save({"sha256": good["sha256"]}, cache)
-    capsys.readouterr()
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "checkpoint_sha256": "0" * 64}))
     assert retrieve.main(args + [str(tmp_path / "b.png")]) == 0
     captured = capsys.readouterr()
     warn = [ln for ln in captured.err.splitlines() if ln.startswith("warning:")]
     assert len(warn) == 1 and "rebuilding" in warn[0] and "Traceback" not in captured.err
-    again = torch.load(cache, weights_only=True)
-    assert torch.equal(again["emb"], good["emb"]) and again["captions"] == good["captions"]
+    assert captured.out.split("wrote")[0] == first.split("wrote")[0]  # the same index line and results
     assert retrieve.main(args + [str(tmp_path / "c.png")]) == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_an_index_given_by_hand_from_another_checkpoint_is_refused(tmp_path, capsys):
+    from test_retrieve import untrained_checkpoint
+    ckpt = untrained_checkpoint(tmp_path / "a" / "checkpoint.pt", {"dataset": "world", "split": "test", "n": 16})
+    other = untrained_checkpoint(tmp_path / "b" / "checkpoint.pt", {"dataset": "world", "split": "test", "n": 17})
+    assert retrieve.main(["a red circle", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.png")]) == 0
+    capsys.readouterr()
+    code, err = run_main(retrieve.main, ["a red circle", "--checkpoint", other, "--index",
+                                         tmp_path / "a" / "index" / "world-flat", "--out", tmp_path / "b.png"], capsys)
+    assert_one_line_error(code, err, "not this one", "rebuild")
+    assert not (tmp_path / "b.png").exists()

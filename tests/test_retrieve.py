@@ -42,7 +42,7 @@ def test_retrieve_cli_writes_grid(tmp_path):
     ckpt = untrained_checkpoint(tmp_path / "checkpoint.pt", {"dataset": "world", "split": "test", "n": 64})
     out = tmp_path / "grid.png"
     assert main(["a red circle on the left", "-k", "4", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
-    assert out.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "retrieval_index.pt").is_file()
+    assert out.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "index" / "world-flat" / "meta.json").is_file()
     out2 = tmp_path / "grid2.png"
     assert main(["--image", "test:3", "-k", "3", "--checkpoint", str(ckpt), "--out", str(out2)]) == 0
     assert out2.is_file()

@@ -85,18 +85,24 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.remove(tmp)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: readers never see half a file
-    (stale temporaries of ``path`` left by a killed earlier save are removed first)."""
+def atomic_write_with(path: Path, write) -> None:
+    """``write(tmp)`` writes a temp file in ``path``'s folder, then it is renamed to ``path``:
+    readers never see half a file (stale temporaries of ``path`` left by a killed earlier write are
+    removed first; the temp file is removed if ``write`` fails)."""
     remove_stale_temps(path)
     fd, tmp = make_temp(path)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename (:func:`atomic_write_with`)."""
+    atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def content_sha256(blob: dict) -> str:
