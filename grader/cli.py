@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with 'all': grade this many milestones at once, each in its own process with "
                         "cores/jobs torch threads and its log in OUT/<milestone>.log (default 1: in turn)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--format", choices=("gradescope",), default=None,
+                   help="also write OUT/<milestone>/results.json in Gradescope's autograder format (points per "
+                        "gate from the milestone's POINTS, hidden gates kept out of the public feedback); the "
+                        "JSON, Markdown and JUnit reports are written as always")
     return p.parse_args(argv)
 
 

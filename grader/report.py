@@ -205,6 +205,14 @@ def to_markdown(report: dict) -> str:
     for i, seg in enumerate(p.get("segments", []), 1):
         out.append(f"| segment {i} | {seg['started_utc']} `{seg['command']}` at `{str(seg['commit'])[:12]}`"
                    f"{' (dirty)' if seg.get('dirty') else ''} |")
+    integ = report.get("integrity")
+    if integ:
+        changed = integ.get("changed_during_run") or []
+        out.append(f"| integrity | grader: {integ['grader']['n_files']} files, sha256 `{integ['grader']['digest'][:16]}`; "
+                   f"implementation `{integ['implementation']['path']}`: {integ['implementation']['n_files']} files, "
+                   f"sha256 `{integ['implementation']['digest'][:16]}` (hashed at the start; "
+                   + ("unchanged at the end)" if not changed else f"**changed during the run**: {', '.join(changed[:5])})")
+                   + " |")
     ck = report.get("checkpoint") or {}
     out.append(f"| checkpoint | `{ck.get('path')}` sha256 `{ck.get('sha256')}` |")
     for d in report.get("datasets", []):

@@ -8,6 +8,7 @@ The shape tests run in a child pytest with the grader's checkout first on ``sys.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -92,7 +93,7 @@ def options(args: argparse.Namespace) -> dict:
             "checkpoint": str(args.checkpoint) if args.checkpoint else None,
             "impl": str(Path(args.impl).resolve()) if args.impl else None, "download": args.download,
             "skip_tests": args.skip_tests, "resume": args.resume, "world_seed": args.world_seed,
-            "require_human": args.require_human}
+            "require_human": args.require_human, "format": getattr(args, "format", None)}
 
 
 def gate_rows(milestone, result, profile: str) -> list[dict]:
@@ -111,13 +112,14 @@ def control_rows(milestone, result, profile: str) -> list[dict]:
 
 
 def verdict(tests: dict, result, rows: list[dict], controls: list[dict], require_human: bool,
-            spec_rows: list[dict] = ()) -> dict:
+            spec_rows: list[dict] = (), changed_files: list[str] = ()) -> dict:
     """The grade: ``status`` "pass" or "fail", ``headline`` (e.g. "pass — human evaluation
     pending", "pass — spec gate not met: fid_ddim50 = 136 (spec < 50)"), ``pending`` (gates
     waiting for a person), ``failures`` (one line each: failed gates, controls that cleared
     their gate or were not measured). ``spec_rows``: the spec's own numbers where a profile
     gates on another (the milestone's ``info["spec_rows"]``: gate, spec, value, status); one not
-    met is said in the headline, never hidden behind a pass."""
+    met is said in the headline, never hidden behind a pass. ``changed_files``: grader or
+    implementation files that changed while the run ran (:mod:`grader.integrity`): a fail."""
     pending = [r["gate"] for r in rows if r.get("status") == "pending"]
     failures = [f"{r['gate']} = {r['value']} does not clear {r['direction']} {r['threshold']}"
                 for r in rows if not r["passed"] and r.get("status") != "pending"]
@@ -130,6 +132,9 @@ def verdict(tests: dict, result, rows: list[dict], controls: list[dict], require
                             f"({c['direction']} {c['threshold']} passes)")
         elif not c["passed"]:
             failures.append(f"control '{c['control']}' of {c['gate']} was not measured")
+    if changed_files:
+        failures.append(f"{len(changed_files)} file(s) of the grader or the implementation changed while the run "
+                        f"ran (first: {changed_files[0]}): the gates may not have measured what the report says")
     ok = bool(result) and not failures and (tests["passed"] or tests.get("skipped"))
     headline = "pass" if ok else "fail"
     if ok and pending:
@@ -198,9 +203,11 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
     from milestones.adapters import BUNDLED, interface, supplied_by
     from milestones.common import sha256_file
 
+    from grader.integrity import differences, snapshot
     milestone = load(mid)
     out_dir.mkdir(parents=True, exist_ok=True)
     start, cpu_start, git = time.time(), time.process_time(), git_state(REPO)  # the code as it was at the start
+    integrity = snapshot(Path(impl["path"]))  # every file of the grader and of the implementation, hashed
     segments = record_segment(out_dir, git, args)  # every segment of a resumed run, this one last
     report = {"milestone": mid, "title": milestone.title, "profile": args.profile,
               "smoke": bool(getattr(args, "smoke", False)),
@@ -225,15 +232,16 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
         error = "shape tests failed: gates not evaluated"
     rows = gate_rows(milestone, result, args.profile)
     controls = control_rows(milestone, result, args.profile)
+    integrity["changed_during_run"] = differences(integrity, snapshot(Path(impl["path"])))
     grade_ = verdict(tests, result, rows, controls, args.require_human,
-                     result.info.get("spec_rows", []) if result else [])
+                     result.info.get("spec_rows", []) if result else [], integrity["changed_during_run"])
     ok = grade_["status"] == "pass"
     ckpt = None
     if result and result.checkpoint:
         ckpt = {"path": str(Path(result.checkpoint).resolve()), "sha256": sha256_file(result.checkpoint),
                 "trained_here": args.checkpoint is None}
     report.update({
-        **grade_, "error": error, "gates": rows, "controls": controls,
+        **grade_, "error": error, "gates": rows, "controls": controls, "integrity": integrity,
         "symptoms": result.symptoms if result else {},
         "validation": result.validation if result else {},
         "metrics": result.metrics if result else {},
@@ -256,6 +264,12 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
                        "note": "BLEU and accuracies are fractions in [0, 1] unless a key says otherwise"},
     })
     paths = write_report(report, out_dir)
+    if getattr(args, "format", None) == "gradescope":
+        from grader.gradescope import to_gradescope
+        from grader.report import atomic_write
+        paths["gradescope"] = str(out_dir / "results.json")
+        atomic_write(Path(paths["gradescope"]), json.dumps(to_gradescope(report, milestone.points,
+                                                                         milestone.hidden_gates), indent=2))
     print(f"\n== {mid} ({args.profile}): {report['headline'].upper()}  [{time.time() - start:.0f} s]")
     print(gate_table(rows, controls))
     for line in grade_["failures"]:

@@ -139,6 +139,23 @@ def compare(report: dict, rows: list[dict], datasets: list[dict], milestone, tol
     return lines, problems
 
 
+def integrity_problems(report: dict) -> list[str]:
+    """The grader's and the implementation's files that differ now from the report's integrity
+    record (:mod:`grader.integrity`): another version of the code than the one that graded, or a
+    file changed since; and any change the run itself recorded. None for a report without one."""
+    from grader.integrity import differences, snapshot
+    rec = report.get("integrity")
+    if not rec:
+        return []
+    now = snapshot(Path(rec["implementation"]["path"]))
+    diff = differences(rec, now)
+    out = [f"{len(diff)} file(s) differ from the report's integrity record (first: {diff[0]}): this is not the "
+           f"code that graded it"] if diff else []
+    if rec.get("changed_during_run"):
+        out.append(f"the report records files changed during its run: {', '.join(rec['changed_during_run'][:3])}")
+    return out
+
+
 def table(lines: list[dict]) -> str:
     def f(v):
         return "-" if v is None else f"{v:.6g}"
@@ -174,6 +191,7 @@ def main(argv) -> int:
         rows = gate_rows(milestone, result, report["profile"])
         controls = control_rows(milestone, result, report["profile"])
     lines, problems = compare(report, rows, result.datasets, milestone, args.tolerance, controls, result.validation)
+    problems += integrity_problems(report)
     print(table(lines))
     for p in problems:
         print(f"report problem: {p}")

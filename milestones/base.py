@@ -180,6 +180,8 @@ class Milestone:
     controls: tuple[Control, ...] = ()  # every gate has at least one (tests/test_grader.py checks)
     pitfalls: tuple[Pitfall, ...] = ()
     thresholds: dict[str, dict[str, float]] = {}
+    points: dict[str, float] = {}  # gate key -> points in a course platform's score (grader.gradescope)
+    hidden_gates: tuple[str, ...] = ()  # gates whose threshold and protocol public feedback leaves out
     recipes: dict[str, Any] = {}
     data_needed: dict[str, str] = {}  # profile -> what data it needs and where to get it
     resumable: bool = False  # True: run() honours ctx.resume (training checkpoints and resumes exactly)

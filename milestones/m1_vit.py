@@ -42,6 +42,10 @@ THRESHOLDS = {
     "quick": {"test_accuracy": 0.90},
     "full": {"test_accuracy": 0.70},  # CIFAR-10 test accuracy > 70 % (the spec)
 }
+# Points per gate in a course platform's score (--format gradescope): a failed gate costs its own
+# points. HIDDEN: gates whose threshold and protocol the candidate's public feedback does not show.
+POINTS = {"test_accuracy": 10}
+HIDDEN: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------ training recipes
@@ -412,6 +416,8 @@ class M1(Milestone):
                 "a buffer, or not among the parameters the optimizer updates"),
     )
     thresholds = THRESHOLDS
+    points = POINTS
+    hidden_gates = HIDDEN
     recipes = RECIPES
     smoke_recipes = SMOKE_RECIPES
     data_needed = {"quick": "none (embedded world)",

@@ -55,6 +55,10 @@ THRESHOLDS = {
     # 2x chance, 15 binomial standard deviations above it at 2,000 images; no full run measured yet.
     "full": {"zeroshot_top5": 0.60, "zeroshot_top1": 0.20, "t2i_R@10": 0.50},
 }
+# Points per gate (--format gradescope; a failed gate costs its own). Hidden: zero-shot top-1, so
+# the public feedback does not say how far past chance the model must rank the right class first.
+POINTS = {"zeroshot_top5": 4, "zeroshot_top1": 2, "t2i_R@10": 4}
+HIDDEN = ("zeroshot_top1",)
 
 TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "there is a {}", "a small {}", "a large {}")
 SINGLE_PROMPT = TEMPLATES[0]
@@ -416,6 +420,8 @@ class M2(Milestone):
     controls = CONTROLS
     pitfalls = PITFALLS
     thresholds = THRESHOLDS
+    points = POINTS
+    hidden_gates = HIDDEN
     recipes = RECIPES
     data_needed = {"quick": "none (embedded world)",
                    "full": "COCO 2017 captions (train2017 + val2017 images, annotations/captions_*.json) at "

@@ -48,6 +48,9 @@ THRESHOLDS = {
     "quick": {"BLEU-4": 0.45, "CIDEr": 2.0},
     "full": {"BLEU-4": 0.30, "CIDEr": 0.80},  # COCO Karpathy-style test split (the spec)
 }
+# Points per gate (--format gradescope; a failed gate costs its own).
+POINTS = {"BLEU-4": 5, "CIDEr": 5}
+HIDDEN: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------ training recipes
@@ -373,6 +376,8 @@ class M3(Milestone):
     controls = CONTROLS
     pitfalls = PITFALLS
     thresholds = THRESHOLDS
+    points = POINTS
+    hidden_gates = HIDDEN
     recipes = RECIPES
     smoke_recipes = SMOKE_RECIPES
     data_needed = {"quick": "none (embedded world)",

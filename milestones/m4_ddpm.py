@@ -55,6 +55,9 @@ THRESHOLDS = {
              "ddim_vs_ddpm_fid_rel_diff": 0.10,
              "ddim_speedup": 15.0},
 }
+# Points per gate (--format gradescope; a failed gate costs its own).
+POINTS = {"fid_ddim50": 3, "fid_ddpm": 3, "ddim_vs_ddpm_fid_rel_diff": 2, "ddim_speedup": 2}
+HIDDEN: tuple[str, ...] = ()
 SPEC_FID = 50.0  # the spec's FID bar; on the quick profile reported as its own row (spec_rows), met or not
 CALIBRATION = (
     "PROVISIONAL quick thresholds (issue 23; the 3-seed calibration, training seed x world seed, by "
@@ -375,6 +378,8 @@ class M4(Milestone):
                 "gives ~1): the model regresses x_0, not the noise"),
     )
     thresholds = THRESHOLDS
+    points = POINTS
+    hidden_gates = HIDDEN
     recipes = RECIPES
     smoke_recipes = {"full": FULL_SMOKE}
     data_needed = {"quick": "none (embedded world); the in-domain FID judge is trained once (~40 s) and cached",

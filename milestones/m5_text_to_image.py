@@ -80,6 +80,12 @@ THRESHOLDS = {
     "full": {"clip_score": 0.25, "clip_score_margin": 0.15, "clip_r_precision": 0.5, "prompt_match": 0.70,
              "guidance_gain_sign_p": 0.05, "human_prompt_match": 0.70},
 }
+# Points per gate (--format gradescope; a failed gate costs its own). Hidden: the R-precision
+# against attribute swaps, so the public feedback does not tell a generator which swaps the judge
+# checks (the CLIP score and prompt match stay public).
+POINTS = {"clip_score": 2, "clip_score_margin": 1, "clip_r_precision": 2, "prompt_match": 2,
+          "guidance_gain_sign_p": 1, "human_prompt_match": 2}
+HIDDEN = ("clip_r_precision",)
 
 # ------------------------------------------------------------------ training recipes
 CLIP_QUICK = dict(image_tower="vit", image_size=32, patch_size=8, vision_dim=96, vision_depth=3, vision_heads=4,
@@ -561,6 +567,8 @@ class M5(Milestone):
     pitfalls = PITFALLS
 
     thresholds = THRESHOLDS
+    points = POINTS
+    hidden_gates = HIDDEN
     recipes = RECIPES
     data_needed = {"quick": "none (embedded world)",
                    "full": "CIFAR-10 at --data-root (torchvision pickles, train/test JPEG tree or cifar10-jpg.tar.gz)"}

@@ -161,9 +161,12 @@ def test_implementation_that_cannot_be_imported_exits_2(tmp_path):
 def test_verify_agrees_and_catches_an_edit(untrained, tmp_path):
     import shutil
     checkpoint = Path(shutil.copy(untrained, tmp_path / "ck.pt"))  # this test moves it
-    r, report = grade_m1(checkpoint, tmp_path / "runs", "--skip-tests")
+    r, report = grade_m1(checkpoint, tmp_path / "runs", "--skip-tests", "--format", "gradescope")
     assert report is not None, r.stderr[-3000:]
     path = tmp_path / "runs" / "m1" / "report.json"
+    from test_gradescope import validate  # the Gradescope file of this run has the schema's fields
+    validate(json.loads((path.parent / "results.json").read_text()))
+    assert report["integrity"]["changed_during_run"] == [] and report["integrity"]["grader"]["n_files"] > 50
     v = grader("verify", str(path), "--no-progress")
     assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
     assert "every gate agrees" in v.stdout
