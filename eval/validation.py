@@ -20,6 +20,24 @@ def record(split_name: str, n: int, metrics: dict[str, float], protocol: str) ->
     return {"split": split_name, "n": n, "metrics": metrics, "protocol": protocol, "rule": RULE}
 
 
+def hold_out_last(split: DataSplit, n_val: int) -> tuple[DataSplit, DataSplit]:
+    """(train, val) of a split without classes (a captioned one, COCO's): ``val`` is its last
+    ``n_val`` images (with their captions and meta rows), ``train`` the rest, both in order."""
+    if not 0 < n_val < len(split):
+        raise ValueError(f"{split.name}: cannot hold out {n_val} of {len(split)} images")
+    k = len(split) - n_val
+    held = {"from": split.name, "n_val": n_val, "rule": f"last {n_val} images"}
+
+    def part(sl: slice, name: str, role: str) -> DataSplit:
+        meta = {key: v[sl] for key, v in split.meta.items() if hasattr(v, "__getitem__") and len(v) == len(split)}
+        return DataSplit(name, split.images[sl], None if split.labels is None else split.labels[sl], split.classes,
+                         None if split.captions is None else split.captions[sl],
+                         {**split.identity, "held_out": {**held, "this_part": role}}, meta)
+
+    return (part(slice(0, k), split.name, "training images left after holding out"),
+            part(slice(k, None), split.name.rsplit("/", 1)[0] + "/val", "validation images"))
+
+
 def hold_out(split: DataSplit, n_val: int) -> tuple[DataSplit, DataSplit]:
     """(train, val): ``val`` is the last ``n_val / C`` images of each of the C classes, in the
     split's own order; ``train`` is the rest, in order. Per class, because a loader may list a

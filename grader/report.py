@@ -173,12 +173,12 @@ def to_markdown(report: dict) -> str:
     if "validation" in report:
         out += ["", "## Validation (what recipes are chosen on)", ""]
         v = report["validation"]
-        if v:
+        if v.get("metrics"):
             out += [f"{v['rule'].capitalize()}. Split `{v['split']}`, {v['n']} items; {v['protocol']}.", "",
                     "| metric | value |", "|---|---|"] + [f"| {k} | {fmt(x)} |" for k, x in v["metrics"].items()]
             out += ["", f"**Note:** {v['note']}"] if v.get("note") else []
         else:
-            out.append("Not measured: this profile has no validation split.")
+            out.append(f"Not measured: {v.get('not_measured', 'this profile has no validation split')}.")
     t = report["tests"]
     out += ["", "## Shape tests", "", f"{t.get('summary', 'not run')} — `{t.get('command', '')}`", "",
             "## Acceptance criteria", ""]

@@ -28,7 +28,7 @@ from eval.probes import run_probes
 from eval.reference.data.world import (RGB, WorldConfig, canonical_caption, composition_classes,
                                        composition_label, scene_row)
 from eval.retrieval import image_to_image_topk, image_to_text_recall, text_to_image_recall, zero_shot_topk
-from eval.validation import record
+from eval.validation import hold_out_last, record
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Milestone, RunContext, RunResult
 from milestones.m2_checks import (CONTROLS, FULL_UNTRAINED_N, GATES, PITFALLS, measure_controls, measure_symptoms,
@@ -71,7 +71,7 @@ class M2Recipe:
     n_train: int | None = 50_000  # None = the whole training split
     n_test: int | None = 2_000
     n_heldout: int | None = 1_000
-    n_val: int = 1_000  # the world's val split: what recipes are chosen on (0: none; full: none yet)
+    n_val: int = 1_000  # validation images, what recipes are chosen on: the world's val split / COCO's last train2017 images
     model: dict = field(default_factory=lambda: dict(
         image_tower="vit", image_size=32, patch_size=8, vision_dim=96, vision_depth=4, vision_heads=4,
         context_length=32, text_dim=96, text_depth=2, text_heads=4, mlp_ratio=2.0, embed_dim=96))
@@ -90,7 +90,7 @@ class M2Recipe:
 
 RECIPES = {
     "quick": M2Recipe(),
-    "full": M2Recipe(data="coco", n_train=None, n_test=None, n_heldout=None, n_val=0, min_freq=5,
+    "full": M2Recipe(data="coco", n_train=None, n_test=None, n_heldout=None, n_val=1_000, min_freq=5,
                      model=dict(image_tower="vit", image_size=64, patch_size=8, vision_dim=384, vision_depth=8,
                                 vision_heads=6, context_length=40, text_dim=256, text_depth=4, text_heads=4,
                                 mlp_ratio=4.0, embed_dim=256),
@@ -103,7 +103,7 @@ RECIPES = {
 SMOKE_RECIPES = {
     "quick": replace(RECIPES["quick"], n_train=2000, n_test=200, n_heldout=100, n_val=100, steps=6, batch_size=32,
                      grad_accum=2, warmup_steps=2),
-    "full": replace(RECIPES["quick"], data="coco", n_train=None, n_test=None, n_heldout=None, n_val=0, steps=6,
+    "full": replace(RECIPES["quick"], data="coco", n_train=None, n_test=None, n_heldout=None, n_val=16, steps=6,
                     batch_size=32, grad_accum=2, warmup_steps=2),
 }
 
@@ -353,8 +353,10 @@ def coco_root(ctx: RunContext) -> Path:
 
 
 def load_full_data(ctx: RunContext, recipe: M2Recipe, need_train: bool = True):
-    """(coco train2017 or None, coco val2017 (5k), cifar10 test) from the grader's loaders — all
-    checked before any training. A smoke run takes a small copy's val2017 as it is."""
+    """(coco train2017 or None, coco val2017 (5k), cifar10 test, validation or None) from the
+    grader's loaders — all checked before any training. The validation images are the last
+    ``recipe.n_val`` of train2017, held out of training (None when evaluating a checkpoint: no
+    training images are loaded). A smoke run takes a small copy's val2017 as it is."""
     from eval.reference.data.cifar import load_cifar10
     from eval.reference.data.coco import load_coco_captions
     root, size = coco_root(ctx), recipe.model["image_size"]
@@ -366,7 +368,10 @@ def load_full_data(ctx: RunContext, recipe: M2Recipe, need_train: bool = True):
     cifar = load_cifar10(data_root(ctx, "cifar10", CIFAR_NEEDED), "test", download=ctx.download,
                          expect_full=not ctx.smoke)
     train = load_coco_captions(root, "train2017", size, limit=recipe.n_train) if need_train else None
-    return train, val, cifar
+    held = None
+    if train is not None and recipe.n_val:  # validation: the last n_val training images, never trained on
+        train, held = hold_out_last(train, recipe.n_val)
+    return train, val, cifar, held
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -493,8 +498,8 @@ def run_quick(ctx: RunContext, recipe: M2Recipe) -> RunResult:
 def run_full(ctx: RunContext, recipe: M2Recipe) -> RunResult:
     """Train on COCO train2017 (or load ``ctx.checkpoint``); retrieval on val2017, zero-shot on CIFAR-10."""
     from eval.reference.data.cifar import CIFAR10_CLASSES
-    train, val, cifar = load_full_data(ctx, recipe, need_train=not ctx.checkpoint)
-    splits = [s for s in (train, val, cifar) if s is not None]
+    train, val, cifar, held = load_full_data(ctx, recipe, need_train=not ctx.checkpoint)
+    splits = [s for s in (train, val, cifar, held) if s is not None]
     ctx.log("data: " + ", ".join(f"{s.name} {len(s)}" for s in splits))
     index = {"dataset": "coco", "split": "val2017", "root": str(coco_root(ctx))}
     model, tok, ckpt, info, before, model_config = _train_or_load(
@@ -514,9 +519,15 @@ def run_full(ctx: RunContext, recipe: M2Recipe) -> RunResult:
     info.update(duplicates=DUPLICATES, accumulation=ACCUMULATION, temperature=temp["temperature"],
                 controls_s=controls_s)
     figs = make_figures(model, tok, val, ctx, before)
+    validation = {"not_measured": "evaluating a --checkpoint: its training run held the validation images "
+                                  "out (no training images are loaded now)"} if held is None else {}
+    if held is not None:  # after every gate number
+        r = retrieval(model, tok, held)[0]
+        validation = record(held.name, len(held), {"val_t2i_R@10": r["t2i_R@10"], "val_i2t_R@10": r["i2t_R@10"]},
+                            f"retrieval over its {len(held)} images and {r['n_text_queries']} captions, as the gate")
     return RunResult(metrics=metrics, info=info, datasets=[s.summary() for s in splits], checkpoint=ckpt,
                      config={"recipe": asdict(recipe), "profile": "full"}, figures=figs,
-                     controls=controls, symptoms=symptoms)
+                     controls=controls, symptoms=symptoms, validation=validation)
 
 
 MILESTONE = M2()

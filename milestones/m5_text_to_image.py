@@ -449,10 +449,12 @@ def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
 def validate(sample, judges, floor: float, recipe: M5Recipe, world_seed: int) -> dict:
     """What recipes (steps, guidance, sampler) are chosen on: the first ``recipe.n_val`` prompts of
     the world's val split, sampled at the default guidance and judged with the gates' protocol
-    (:func:`eval.text2image_controls.gate_values`; ``floor`` the shuffled-real CLIP floor). None on
-    CIFAR-10, whose prompts are the ten class names of the test split too."""
+    (:func:`eval.text2image_controls.gate_values`; ``floor`` the shuffled-real CLIP floor). Not
+    measured on CIFAR-10, whose prompts are the ten class names of the test split too (the
+    record says so)."""
     if recipe.data != "world" or not recipe.n_val:
-        return {}
+        return {"not_measured": "CIFAR-10's prompts are its ten class names, the same in every split"
+                if recipe.data != "world" else "n_val is 0 in this recipe"}
     from eval.prompt_match import world_prompts
     from eval.reference.data.world import WorldConfig
     from eval.text2image_controls import gate_values

@@ -61,8 +61,9 @@ def test_coco_path_end_to_end_on_coco_mini(tmp_path):
             or not (root / "cifar10").is_dir():
         pytest.skip("coco-mini or cifar10 not available (../shared/data)")
     result = m2.MILESTONE.run(RunContext(profile="full", smoke=True, out_dir=tmp_path / "run", progress=False))
-    train, val, cifar = result.datasets
-    assert train["n_images"] == 80 and val["n_images"] == 159 and cifar["n_images"] == 10_000
+    train, val, cifar, held = result.datasets
+    assert train["n_images"] == 80 - 16 and held["n_images"] == 16 and val["n_images"] == 159
+    assert cifar["n_images"] == 10_000 and result.validation["split"] == held["name"]
     assert result.info["training"]["steps"] == m2.SMOKE_RECIPES["full"].steps
     assert result.metrics["n_gallery_images"] == 159 and 0 <= result.metrics["t2i_R@10"] <= 1
     assert 0 <= result.metrics["zeroshot_top5"] <= 1 and Path(result.checkpoint).is_file()

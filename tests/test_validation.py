@@ -52,7 +52,7 @@ def test_m4_validation_is_fid_against_val_not_test():
     info = {"fids": {"inception": {"ddim": 130.0, "val": 128.0}, "attributes": {"ddim": 10.0, "val": 11.0}}}
     v = m4.validation_record(recipe, floor, info)
     assert v["metrics"] == {"val_fid_ddim50": 128.0, "val_in_domain_fid_ddim50": 11.0} and v["split"] == "world/val"
-    assert m4.validation_record(replace(recipe, data="cifar10"), floor, info) == {}
+    assert "training images" in m4.validation_record(replace(recipe, data="cifar10"), floor, info)["not_measured"]
 
 
 def test_m5_validation_prompts_come_from_the_val_split():
@@ -74,7 +74,7 @@ def test_m5_validation_prompts_come_from_the_val_split():
     assert seen["prompts"] == world_prompts("val", 8)[0] and seen["prompts"] != world_prompts("test", 8)[0]
     assert seen["guidance"] == recipe.sampling.guidance
     assert v["metrics"] == {"val_prompt_match": 0.5, "val_clip_score": 0.1} and v["n"] == 8
-    assert m5.validate(sample, None, 0.0, replace(recipe, data="cifar10"), 0) == {}
+    assert "class names" in m5.validate(sample, None, 0.0, replace(recipe, data="cifar10"), 0)["not_measured"]
 
 
 def test_report_shows_validation_or_says_it_was_not_measured():
@@ -86,3 +86,13 @@ def test_report_shows_validation_or_says_it_was_not_measured():
     md = to_markdown({**base, "validation": record("world/val", 10, {"val_acc": 0.5}, "as the gate")})
     assert "## Validation (what recipes are chosen on)" in md and "| val_acc | 0.5" in md and "`world/val`" in md
     assert "Not measured: this profile has no validation split." in to_markdown({**base, "validation": {}})
+    assert "Not measured: a reason." in to_markdown({**base, "validation": {"not_measured": "a reason"}})
+
+
+def test_hold_out_last_keeps_captions_and_meta_in_step():
+    from eval.validation import hold_out_last
+    split = world_split(CTX, "train", 30)
+    train, val = hold_out_last(split, 10)
+    assert (len(train), len(val)) == (20, 10) and val.name == "world/val"
+    assert val.captions == split.captions[20:] and torch.equal(val.images, split.images[20:])
+    assert val.identity["held_out"]["this_part"] == "validation images"
