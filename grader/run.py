@@ -196,14 +196,13 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
     """:func:`grade`'s work, into the run folder ``out_dir``."""
     import torch
 
+    from grader.integrity import differences, snapshot
     from grader.offline import record
     from grader.report import (command_line, device_info, gate_table, git_state, library_versions, record_segment,
                                run_environment, write_report)
     from milestones import load
     from milestones.adapters import BUNDLED, interface, supplied_by
     from milestones.common import sha256_file
-
-    from grader.integrity import differences, snapshot
     milestone = load(mid)
     out_dir.mkdir(parents=True, exist_ok=True)
     start, cpu_start, git = time.time(), time.process_time(), git_state(REPO)  # the code as it was at the start
