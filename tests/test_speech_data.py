@@ -38,6 +38,8 @@ def test_missing_espeak_is_a_one_line_data_missing_error():
         S.make_speech_split("val", 2, S.SpeechConfig(espeak="espeak-ng-not-here"))
     assert isinstance(e.value, S.EspeakMissingError)
     assert "\n" not in str(e.value) and str(e.value).endswith("apt-get install -y espeak-ng")
+    from grader.cli import is_user_error
+    assert is_user_error(e.value)  # the grader's exit 2 (it matches error classes by name)
 
 
 def test_parse_streamed_wav():

@@ -29,15 +29,18 @@ from ..vit import _init as vit_init  # trunc-normal(0.02) linears, unit LayerNor
 
 @dataclass
 class AudioTowerConfig:
-    n_mels: int = 80
+    """Patch grid and encoder size. The defaults: AST's 16 x 16 patches (no overlap) and a
+    small encoder (about 3M parameters; AST itself is a DeiT-base, 87M)."""
+
+    n_mels: int = 80  # the front end's mel bins (LogMelConfig.n_mels)
     patch_freq: int = 16  # p_f: mel bins per patch
     patch_time: int = 16  # p_t: frames per patch (160 ms at a 10 ms hop)
-    max_frames: int = 1024  # longer inputs are cropped (10.24 s)
-    dim: int = 192
-    depth: int = 6
-    n_heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    max_frames: int = 1024  # longer inputs are cropped (10.24 s); sizes the position grid
+    dim: int = 192  # token width D
+    depth: int = 6  # transformer blocks
+    n_heads: int = 4  # D / n_heads = 48 per head
+    mlp_ratio: float = 4.0  # MLP hidden width / D
+    dropout: float = 0.0  # in attention weights, after attention and in the MLP
 
     @property
     def freq_patches(self) -> int:
