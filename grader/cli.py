@@ -172,9 +172,11 @@ def out_folders(ids: list[str], args: argparse.Namespace) -> dict[str, Path]:
 def is_user_error(e: Exception) -> bool:
     """Missing data, a bad checkpoint or an implementation that cannot be loaded: the user's to
     fix (one line, exit 2). The grader's own error types and the implementation's engine's
-    (same names: its checkpoint reader may raise on --resume) both count."""
+    (same names: its checkpoint reader may raise on --resume) both count, and so do their
+    subclasses (e.g. the spoken world's EspeakMissingError, a DataMissingError)."""
     from milestones.adapters import ImplementationError
-    return isinstance(e, ImplementationError) or type(e).__name__ in ("DataMissingError", "CheckpointError")
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, ImplementationError) or bool(names & {"DataMissingError", "CheckpointError"})
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,1 @@
+"""Audio: waveforms, the log-mel front end, SpecAugment and the AST-style audio tower."""
