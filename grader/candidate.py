@@ -37,11 +37,13 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from grader.candidate_protocol import Endpoint
+from grader.candidate_protocol import Arena, Endpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 DEFAULT_TIMEOUT = 1800.0  # seconds of silence from the child before a call fails
+ARENA_BYTES = 128 << 20  # shared memory for tensor bytes, each way (touched pages only)
+F_SETPIPE_SZ = 1031  # Linux: larger pipe buffers, fewer wake-ups for what crosses inline
 UNPRIVILEGED = ("nobody", "nogroup")
 
 
@@ -119,10 +121,23 @@ class CandidateProcess:
             sites = [self._translate(s, mounts) for s in sites]
         r_child, w_parent = os.pipe()
         r_parent, w_child = os.pipe()
+        for fd in (w_parent, w_child):
+            try:
+                import fcntl
+                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
+        arena_names = [str(shm / f"{d.name}-{way}") for way in ("to-child", "to-grader")]
+        arenas = [Arena(name, ARENA_BYTES, create=True) for name in arena_names]
+        if self.drop:
+            for name in arena_names:
+                os.chown(name, uid, gid)
         cmd = [python, "-I", "-S", "-B", str(d / "server" / "candidate_server.py"), "--fd-in", str(r_child), "--fd-out", str(w_child),
                "--work", str(work), "--bundled", str(d / "bundled" / "mmsys"), "--threads", str(self.threads)]
         if self.impl is not None:
             cmd += ["--impl", str(d / "impl")]
+        cmd += ["--arena-in", arena_names[0], "--arena-out", arena_names[1], "--arena-bytes", str(ARENA_BYTES)]
         for s in sites:
             cmd += ["--site", s]
         if self.drop:
@@ -143,9 +158,14 @@ class CandidateProcess:
         os.close(w_child)
         threading.Thread(target=self._tee, daemon=True).start()
         self.ep = Endpoint(Connection(r_parent), Connection(w_parent), grader=True, timeout=self.timeout,
-                           on_silence=self._silence, on_eof=self._eof)
+                           on_silence=self._silence, on_eof=self._eof, on_violation=self._violation,
+                           arenas=(arenas[1], arenas[0]))
         atexit.register(self.close)
-        self.hello = self.call_server("hello")
+        try:
+            self.hello = self.call_server("hello")
+        finally:
+            for name in arena_names:  # both sides have mapped them: nothing is left behind
+                os.unlink(name)
         return self
 
     @staticmethod
@@ -175,6 +195,11 @@ class CandidateProcess:
         self.kill()
         return CandidateTimeout(f"the candidate process did not answer within {self.timeout:g} s in {what} "
                                 f"(killed){self._tail()}")
+
+    def _violation(self, what, why):
+        self.kill()
+        return CandidateError(f"the candidate process sent a message the grader refuses in {what} ({why}); "
+                              f"killed{self._tail()}")
 
     def kill(self):
         if self.proc and self.proc.poll() is None:

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import mmap
 import numbers
+import os
 import pickle
 import traceback
 import weakref
@@ -60,16 +62,50 @@ def dumps(obj) -> bytes:
 
 
 # ------------------------------------------------------------------ tensors
-def tensor_bytes(t: torch.Tensor) -> bytearray:
-    t = t.detach().to("cpu").contiguous()
-    return bytearray(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else bytearray()
+class Arena:
+    """A shared-memory file (``/dev/shm``) one side writes tensor bytes into and the other copies
+    them out of: a message then carries only (offset, length). The calls are strictly nested, so
+    the receiver has copied a message's tensors before the sender can send again, and the sender
+    starts at offset 0 with every message (:meth:`reset`). Tensors that do not fit cross inline."""
+
+    def __init__(self, path: str, size: int, create: bool):
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.buf, self.size, self.pos = torch.frombuffer(self.mm, dtype=torch.uint8), size, 0
+
+    def reset(self):
+        self.pos = 0
+
+    def put(self, flat: torch.Tensor):
+        """Offset of the uint8 tensor ``flat`` written here, or None when it does not fit."""
+        n = flat.numel()
+        if self.pos + n > self.size:
+            return None
+        off, self.pos = self.pos, self.pos + (n + 63) // 64 * 64
+        self.buf[off:off + n].copy_(flat)
+        return off
+
+    def get(self, off: int, n: int) -> torch.Tensor:
+        if not (isinstance(off, int) and isinstance(n, int) and 0 <= off and 0 <= n and off + n <= self.size):
+            raise ProtocolError(f"tensor bytes outside the shared arena: {off} + {n}")
+        return self.buf[off:off + n].clone()
 
 
-def tensor_from(dtype: str, shape, device: str, data: bytearray) -> torch.Tensor:
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 CPU tensor (a view when already contiguous on the CPU)."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def tensor_from(dtype: str, shape, device: str, flat: torch.Tensor) -> torch.Tensor:
     dt = getattr(torch, dtype)
     if not isinstance(dt, torch.dtype):
         raise ProtocolError(f"not a dtype: {dtype}")
-    t = torch.frombuffer(data, dtype=torch.uint8).view(dt) if len(data) else torch.empty(0, dtype=dt)
+    t = flat.view(dt) if flat.numel() else torch.empty(0, dtype=dt)
     t = t.reshape(tuple(shape))
     return t if device == "cpu" else t.to(device)
 
@@ -187,6 +223,7 @@ class Proxy:
             pass
 
 
+CALLABLE_TYPES = ("method", "function", "builtin_function_or_method", "method-wrapper")
 OPS = {"method": lambda o, name, *a, **k: getattr(o, name)(*a, **k), "getattr": getattr, "setattr": setattr, "call": lambda f, *a, **k: f(*a, **k), "len": len, "iter": iter,
        "next": next, "getitem": lambda o, k: o[k], "setitem": lambda o, k, v: o.__setitem__(k, v),
        "contains": lambda o, x: x in o, "bool": bool}
@@ -198,10 +235,14 @@ class Endpoint:
     exports only callables and serves only calls of them; the child exports any object and
     serves :data:`OPS`. ``fixed``: objects the other side addresses as ids 0, 1, ... from the
     start. ``timeout``: seconds of silence after which a wait fails (None: wait forever);
-    ``on_silence(what)`` / ``on_eof(what)``: the exception classes raised then."""
+    ``on_silence(what)`` / ``on_eof(what)`` / ``on_violation(what, why)`` (a message refused):
+    the exceptions raised then; after any of them the endpoint is ``dead``."""
 
-    def __init__(self, conn_in, conn_out, grader: bool, timeout=None, on_silence=None, on_eof=None, fixed=()):
+    def __init__(self, conn_in, conn_out, grader: bool, timeout=None, on_silence=None, on_eof=None,
+                 on_violation=None, fixed=(), arenas=(None, None)):
         self.cin, self.cout, self.grader = conn_in, conn_out, grader
+        self.arena_in, self.arena_out = arenas  # shared memory for tensor bytes (None: inline)
+        self.on_violation = on_violation
         self.serves = frozenset({"call"}) if grader else frozenset(OPS)
         self.timeout, self.on_silence, self.on_eof = timeout, on_silence, on_eof
         self.exported: dict[int, list] = {}  # id -> [object, times sent]
@@ -237,7 +278,10 @@ class Endpoint:
                 self.frames[-1]["tensors"][ref] = x
             if grads and x.requires_grad and x.grad_fn is not None and x.dim() == 0 and self.frames:
                 return self._with_grads(x)
-            return (TAG + "T", str(x.dtype).removeprefix("torch."), tuple(x.shape), str(x.device), tensor_bytes(x), ref)
+            flat = flat_bytes(x)
+            off = self.arena_out.put(flat) if self.arena_out is not None else None
+            data = (off, flat.numel()) if off is not None else bytearray(flat.numpy())
+            return (TAG + "T", str(x.dtype).removeprefix("torch."), tuple(x.shape), str(x.device), data, ref)
         if isinstance(x, torch.dtype):
             return (TAG + "D", str(x).removeprefix("torch."))
         if isinstance(x, torch.device):
@@ -275,7 +319,14 @@ class Endpoint:
             return x
         tag = x[0][1:]
         if tag == "T":
-            t = tensor_from(*x[1:5])
+            data = x[4]
+            if isinstance(data, tuple):
+                if self.arena_in is None:
+                    raise ProtocolError("tensor in shared memory, but there is none")
+                flat = self.arena_in.get(*data)
+            else:
+                flat = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+            t = tensor_from(x[1], x[2], x[3], flat)
             if x[5] is not None and self.frames and self.grader:
                 t.requires_grad_(True)
                 self.frames[-1]["leaves"][x[5]] = t
@@ -346,8 +397,16 @@ class Endpoint:
         if silent:
             self.dead = f"no answer within {self.timeout:g} s in {what}"
             raise (self.on_silence or TimeoutError)(what)
-        msg = loads(data)
-        *body, state, rel = msg
+        try:
+            msg = loads(data)
+            *body, state, rel = msg
+            if not isinstance(body[0], str):
+                raise ProtocolError(f"not a message: {type(body[0]).__name__}")
+        except Exception as e:
+            self.dead = f"refused message in {what}: {e}"
+            if self.on_violation is None:
+                raise ProtocolError(self.dead) from None
+            raise self.on_violation(what, str(e)) from None
         self._apply(state)
         self._release(rel)
         return body
@@ -358,9 +417,15 @@ class Endpoint:
         if self.dead:
             raise (self.on_eof or EOFError)(self.dead)
         rid = next(self.rids)
+        if self.arena_out is not None:
+            self.arena_out.reset()
         tid = target._id if isinstance(target, Proxy) else target
-        self.stack.append(label or (f"{getattr(target, '_type', 'object')}.{args[0]}" if op == "getattr"
-                                    else f"{op} on {getattr(target, '_type', target)}"))
+        kind = getattr(target, "_type", target)
+        if label is None:  # what the grader waits for, in error messages: "ViT.eval()", "Trainer.step"
+            name = args[0] if args and isinstance(args[0], str) else ""
+            label = {"getattr": f"{kind}.{name}", "call": f"{kind}()", "method": f"{kind}.{name}()"}.get(
+                op, f"{op} on {kind}")
+        self.stack.append(label)
         if not self.grader:  # the child: requires-grad tensors it sends inside this callback are kept
             self.frames.append({"leaves": {}, "tensors": {}})
         try:
@@ -373,7 +438,10 @@ class Endpoint:
                 if body[1] != rid:
                     raise ProtocolError(f"reply to request {body[1]} while waiting for {rid}")
                 if body[0] == "ok":
-                    return self.decode(body[2])
+                    value = self.decode(body[2])
+                    if op == "getattr" and isinstance(value, Proxy) and value._type in CALLABLE_TYPES:
+                        object.__setattr__(value, "_type", f"{kind}.{args[0]}")  # "ViT.eval" in messages
+                    return value
                 exc = self.raised.pop(body[2].get("token"), None)
                 raise exc if exc is not None else rebuild_exception(body[2])
         finally:
@@ -393,6 +461,8 @@ class Endpoint:
                 raise ProtocolError(f"no object #{tid} here")
             target = self.exported[tid][0]
             value = OPS[op](target, *self.decode(args), **self.decode(kwargs))
+            if self.arena_out is not None:
+                self.arena_out.reset()
             reply = ("ok", rid, self.encode(value, grads=grader))
         except Exception as e:
             if self.dead:  # the other side is gone: nothing to answer, the error goes up our own stack

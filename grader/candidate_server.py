@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default=None, help="folder holding the implementation's mmsys package")
     p.add_argument("--site", action="append", default=[])
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--arena-in", default=None, help="shared memory the grader writes tensor bytes into")
+    p.add_argument("--arena-out", default=None, help="shared memory this process writes tensor bytes into")
+    p.add_argument("--arena-bytes", type=int, default=0)
     a = p.parse_args(argv)
     sys.dont_write_bytecode = True
     sys.stdout = sys.stderr  # the implementation's prints go to the log, never to the wire
@@ -135,7 +138,10 @@ def main(argv=None) -> int:
     sys.addaudithook(guard)
 
     import adapters
-    from candidate_protocol import Endpoint
+    from candidate_protocol import Arena, Endpoint
+    arenas = (None, None)
+    if a.arena_in and a.arena_out:
+        arenas = (Arena(a.arena_in, a.arena_bytes, create=False), Arena(a.arena_out, a.arena_bytes, create=False))
     if a.threads:
         torch.set_num_threads(a.threads)
     from pathlib import Path
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
         error = f"{type(e).__name__}: {e}"
     impl = adapters.Implementation("mmsys")
     ep = Endpoint(Connection(a.fd_in), Connection(a.fd_out), grader=False,
-                  fixed=(impl, ServerInfo(guard, adapters, loaded, error)))
+                  fixed=(impl, ServerInfo(guard, adapters, loaded, error)), arenas=arenas)
     ep.serve_forever()
     return 0
 
