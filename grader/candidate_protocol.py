@@ -460,7 +460,11 @@ class Endpoint:
             if tid not in self.exported:
                 raise ProtocolError(f"no object #{tid} here")
             target = self.exported[tid][0]
-            value = OPS[op](target, *self.decode(args), **self.decode(kwargs))
+            self.stack.append(f"{getattr(target, '__name__', type(target).__name__)} (callback)")
+            try:
+                value = OPS[op](target, *self.decode(args), **self.decode(kwargs))
+            finally:
+                self.stack.pop()
             if self.arena_out is not None:
                 self.arena_out.reset()
             reply = ("ok", rid, self.encode(value, grads=grader))

@@ -82,6 +82,25 @@ class Guard:
             self._refuse("start a program", args[0] if args else "")
 
 
+class GraderImports:
+    """First on ``sys.meta_path``: an import of the grader's packages is refused and recorded (they
+    are not on ``sys.path`` anyway; this names the attempt in the report)."""
+
+    NAMES = ("grader", "milestones", "eval")
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in self.NAMES:
+            self.guard.refused += 1
+            if len(self.guard.attempts) < MAX_RECORDED:
+                self.guard.attempts.append({"event": "import", "target": fullname})
+            raise ModuleNotFoundError(f"No module named {fullname!r} (the grader's packages are not importable "
+                                      f"in the candidate process)", name=fullname)
+        return None
+
+
 class ServerInfo:
     """Exported as object #1: what the grader asks the server itself."""
 
@@ -92,13 +111,9 @@ class ServerInfo:
         """``{"error": None | why the implementation did not load, "loaded", "pid", "uid", "python",
         "sys_path", "importable": {package: bool}}`` (the last: whether the grader's packages can be
         imported here — never)."""
-        import importlib.util
-        importable = {}
-        for name in ("grader", "milestones", "eval"):
-            try:
-                importable[name] = importlib.util.find_spec(name) is not None
-            except (ImportError, ValueError):
-                importable[name] = False
+        import importlib.machinery
+        importable = {name: importlib.machinery.PathFinder.find_spec(name) is not None
+                      for name in GraderImports.NAMES}  # on sys.path at all (the refusing finder aside)
         return {"error": self.error, "loaded": self.loaded, "pid": os.getpid(), "uid": os.getuid(),
                 "python": sys.version.split()[0], "sys_path": list(sys.path), "importable": importable}
 
@@ -136,6 +151,7 @@ def main(argv=None) -> int:
     import torch
     guard = Guard([a.work])  # after torch (the grader's dependency), before anything of the implementation
     sys.addaudithook(guard)
+    sys.meta_path.insert(0, GraderImports(guard))
 
     import adapters
     from candidate_protocol import Arena, Endpoint
