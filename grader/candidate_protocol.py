@@ -8,6 +8,9 @@ Values cross as follows (:meth:`Endpoint.encode`):
 
 - tensors by value: ``("\\0T", dtype, shape, device, bytes, grad_ref)``; torch.dtype,
   torch.device, torch.Size, numbers, strings, lists, exact tuples, dicts of those by value;
+- a large tensor the child sent (>= :data:`REF_BYTES`) is kept there while the grader holds its
+  copy; sent back unchanged (a training batch the grader passes on to the model), it crosses as
+  its id, not its bytes;
 - any other object of the exporting side stays there and crosses as a handle id; the other
   side gets a proxy (the child exports models, trainers, generators ...; the grader exports
   only callables, whose one operation is a call). A proxy sent back resolves to its object.
@@ -27,6 +30,7 @@ exactly the grader's gradients g into the child's graph.
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import mmap
@@ -39,6 +43,7 @@ import weakref
 import torch
 
 TAG = "\0"  # tagged values are tuples whose first item starts with it
+REF_BYTES = 1 << 16  # the child keeps tensors this large it sent, so the grader can send them back by id
 
 
 class ProtocolError(Exception):
@@ -257,6 +262,7 @@ class Endpoint:
         self.frames: list[dict] = []  # child: tensors sent inside each callback; grader: leaves received
         self.raised: dict[int, BaseException] = {}  # token -> an exception of ours that crossed
         self.tokens = itertools.count(1)
+        self.origin: dict[int, tuple] = {}  # grader: id(tensor) -> (the child's id, version, weakref)
         self.stack: list[str] = []  # what is waiting, outermost first (for error messages)
         self.dead = None
 
@@ -278,10 +284,16 @@ class Endpoint:
                 self.frames[-1]["tensors"][ref] = x
             if grads and x.requires_grad and x.grad_fn is not None and x.dim() == 0 and self.frames:
                 return self._with_grads(x)
+            home = self.origin.get(id(x)) if self.grader else None
+            if home is not None and home[2]() is x and x._version == home[1]:
+                return (TAG + "r", home[0])  # the child's own tensor, unchanged since: sent back by reference
+            oid = None
+            if not self.grader and x.numel() * x.element_size() >= REF_BYTES:  # kept while the grader holds it
+                oid = self._export(x)
             flat = flat_bytes(x)
             off = self.arena_out.put(flat) if self.arena_out is not None else None
             data = (off, flat.numel()) if off is not None else bytearray(flat.numpy())
-            return (TAG + "T", str(x.dtype).removeprefix("torch."), tuple(x.shape), str(x.device), data, ref)
+            return (TAG + "T", str(x.dtype).removeprefix("torch."), tuple(x.shape), str(x.device), data, ref, oid)
         if isinstance(x, torch.dtype):
             return (TAG + "D", str(x).removeprefix("torch."))
         if isinstance(x, torch.device):
@@ -292,18 +304,22 @@ class Endpoint:
             return [self.encode(v, grads) for v in x]
         if type(x) is tuple:
             return (TAG + "t", tuple(self.encode(v, grads) for v in x))
-        if type(x) is dict:
+        if type(x) in (dict, collections.OrderedDict):  # a state_dict crosses as a dict
             return (TAG + "d", [(self.encode(k), self.encode(v, grads)) for k, v in x.items()])
         if isinstance(x, Proxy) and x._ep is self:
             return (TAG + "r", x._id)  # the other side's own object, back home
         if self.grader and not callable(x):
             raise TypeError(f"{type(x).__name__} cannot cross to the candidate process (only data and callables do)")
+        return (TAG + "H", self._export(x), type(x).__name__)
+
+    def _export(self, x) -> int:
+        """The id the other side addresses ``x`` by, counted once more as sent."""
         key = self.by_obj.get(id(x))
         if key is None or self.exported.get(key, [None])[0] is not x:
             key = next(self.ids)
             self.by_obj[id(x)], self.exported[key] = key, [x, 0]
         self.exported[key][1] += 1
-        return (TAG + "H", key, type(x).__name__)
+        return key
 
     def _with_grads(self, x):
         leaves = self.frames[-1]["leaves"]
@@ -327,6 +343,9 @@ class Endpoint:
             else:
                 flat = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
             t = tensor_from(x[1], x[2], x[3], flat)
+            if len(x) > 6 and x[6] is not None and self.grader:  # the child keeps it until this copy dies
+                self.origin[id(t)] = (x[6], t._version, weakref.ref(t))
+                weakref.finalize(t, self._tensor_gone, id(t), x[6])
             if x[5] is not None and self.frames and self.grader:
                 t.requires_grad_(True)
                 self.frames[-1]["leaves"][x[5]] = t
@@ -361,6 +380,10 @@ class Endpoint:
                 value = value + ((t * g).sum() - (t.detach() * g).sum())
             return value
         raise ProtocolError(f"unknown tag {tag!r}")
+
+    def _tensor_gone(self, key, oid):
+        self.origin.pop(key, None)
+        self.pending_release.append((oid, 1))
 
     def released(self, oid):
         self.pending_release.append((oid, self.received.pop(oid, 0)))

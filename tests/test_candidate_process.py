@@ -71,6 +71,11 @@ class Box:
         fd = int(sys.argv[sys.argv.index("--fd-out") + 1])
         Connection(fd).send_bytes(pickle.dumps(("ok", 1, collections.OrderedDict(), {}, [])))
         time.sleep(30)
+    def big(self):
+        self._big = torch.zeros(100_000)
+        return self._big
+    def is_big(self, t):
+        return t is self._big
     def __len__(self):
         return 5
     def __getitem__(self, i):
@@ -214,6 +219,13 @@ def test_the_guard_refuses_and_records(box, child, tmp_path):
     events = [a["event"] for a in child.isolation()["attempts"]]
     assert {"open for writing", "start a program"} <= set(events)
     assert set(events) & {"network socket", "socket.getaddrinfo", "socket.connect"}, events
+
+
+def test_a_large_tensor_goes_back_by_reference_while_unchanged(box):
+    t = box.big()
+    assert box.is_big(t) is True and box.is_big(t.clone()) is False
+    t.add_(1)  # changed here: by value again
+    assert box.is_big(t) is False
 
 
 def test_only_data_and_callables_cross_from_the_grader(box):
