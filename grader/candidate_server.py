@@ -1,7 +1,7 @@
 """The candidate process: imports the implementation under test and serves the seam's calls.
 
 A standalone script (stdlib + torch; never ``grader``, ``milestones`` or ``eval``). The grader
-(:mod:`grader.candidate`) copies it, :mod:`grader.candidate_protocol` and
+(:mod:`grader.candidate`) copies it, :mod:`grader.candidate_protocol`, :mod:`grader.candidate_wire` and
 ``milestones/adapters.py`` into a fresh folder and starts ``python -I -S -B server.py ...``
 there: no PYTHONPATH, no user site, no ``.pth`` files (so no editable install maps the grader's
 packages in), only the site-packages folders it is told (for torch). ``sys.path`` then holds
@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     sys.meta_path.insert(0, GraderImports(guard))
 
     import adapters
-    from candidate_protocol import Arena, Endpoint
+    from candidate_protocol import Endpoint
+    from candidate_wire import Arena
     arenas = (None, None)
     if a.arena_in and a.arena_out:
         arenas = (Arena(a.arena_in, a.arena_bytes, create=False), Arena(a.arena_out, a.arena_bytes, create=False))

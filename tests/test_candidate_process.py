@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from grader.candidate import CandidateCrashed, CandidateError, CandidateProcess, CandidateTimeout
-from grader.candidate_protocol import ProtocolError, RemoteError, dumps, loads
+from grader.candidate_wire import ProtocolError, RemoteError, dumps, loads
 
 BOX = '''
 import os, sys, time
@@ -241,3 +241,18 @@ def test_overhead_of_a_round_trip(box):
     per_call = (time.perf_counter() - t) / 20
     print(f"round trip with 1.5 MB each way: {per_call * 1e3:.1f} ms", file=sys.stderr)
     assert per_call < 0.5
+
+
+def test_without_dropping_privileges_the_guard_still_refuses(tmp_path):
+    """Not root, or no setpriv/unshare: the child runs as the grader's user; the audit hook is
+    what stops it writing the grader's files, and the report says so."""
+    c = CandidateProcess(fake_impl(tmp_path / "impl"), threads=1, timeout=60, drop=False).start()
+    try:
+        assert c.hello["uid"] == os.getuid() and c.hello["importable"]["grader"] is False
+        with pytest.raises(PermissionError):
+            c.call("vit_build", {}).write(str(tmp_path / "report.json"))
+        assert not (tmp_path / "report.json").exists()
+        iso = c.isolation()
+        assert any("audit hook is the only barrier" in p for p in iso["protections"]) and iso["refused"] == 1
+    finally:
+        c.close()
