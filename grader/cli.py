@@ -94,6 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="with 'all': grade this many milestones at once, each in its own process with "
                         "cores/jobs torch threads and its log in OUT/<milestone>.log (default 1: in turn)")
+    p.add_argument("--isolation", choices=("none", "process"), default="none",
+                   help="process: import the implementation only in a child process (no grader package importable "
+                        "there, its own folder, as nobody when root; grader/candidate.py) and query it; none: in "
+                        "this process (default for now; the report says which)")
+    p.add_argument("--call-timeout", type=float, default=None,
+                   help="with --isolation process: seconds the candidate may stay silent in one call before the "
+                        "run fails (default 1800)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--format", choices=("gradescope",), default=None,
                    help="also write OUT/<milestone>/results.json in Gradescope's autograder format (points per "
@@ -189,8 +196,12 @@ def main(argv=None) -> int:
             from grader.regrade import main as regrade_main
             return regrade_main(argv[1:])
         args = parse_args(argv)
-        from milestones.adapters import use_implementation
-        impl = use_implementation(args.impl)  # before anything imports mmsys
+        if getattr(args, "isolation", "none") == "process":
+            from grader.candidate import isolate
+            impl = isolate(args.impl, args.call_timeout)  # the implementation is imported in the child only
+        else:
+            from milestones.adapters import use_implementation
+            impl = use_implementation(args.impl)  # before anything imports mmsys
         if not args.download:
             from grader.offline import block_network
             block_network()

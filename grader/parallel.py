@@ -17,7 +17,9 @@ def child_options(args: argparse.Namespace) -> list[str]:
     (--force too: the parent has already moved the earlier runs aside, so the children find none)."""
     rest = ["--profile", args.profile, "--out", str(args.out), "--seed", str(args.seed),
             "--world-seed", str(args.world_seed), "--device", args.device, "--no-progress"]
-    for flag, value in (("--data-root", args.data_root), ("--impl", args.impl), ("--format", getattr(args, "format", None))):
+    for flag, value in (("--data-root", args.data_root), ("--impl", args.impl), ("--format", getattr(args, "format", None)),
+                        ("--isolation", getattr(args, "isolation", None)),
+                        ("--call-timeout", getattr(args, "call_timeout", None))):
         rest += [flag, str(value)] if value else []
     rest += [flag for flag, on in (("--download", args.download), ("--skip-tests", args.skip_tests),
                                    ("--smoke", args.smoke), ("--force", getattr(args, "force", False)),

@@ -239,6 +239,14 @@ def implementation_lines(provenance: dict) -> list[str]:
                      f"{', '.join(f'`{m}`' for m in bundled) or 'none'}")
     inst = provenance.get("instruments") or {}
     lines.append(f"- data, judges, metrics, pixel conversions: the grader's own ({inst.get('package', 'eval')})")
+    iso = provenance.get("isolation") or {}
+    if iso.get("mode") == "process":
+        lines.append(f"- ran in: its own process as {iso.get('user')}; protections: " + "; ".join(iso.get("protections", [])))
+        tried = iso.get("attempts") or []
+        lines.append(f"- refused there: {iso.get('refused', 0)} attempt(s)" + (": " + "; ".join(
+            f"{a['event']} `{a['target']}`" for a in tried[:10]) if tried else ""))
+    elif iso:
+        lines.append("- ran in: the grader's own process (`--isolation none`)")
     return lines
 
 

@@ -93,7 +93,8 @@ def options(args: argparse.Namespace) -> dict:
             "checkpoint": str(args.checkpoint) if args.checkpoint else None,
             "impl": str(Path(args.impl).resolve()) if args.impl else None, "download": args.download,
             "skip_tests": args.skip_tests, "resume": args.resume, "world_seed": args.world_seed,
-            "require_human": args.require_human, "format": getattr(args, "format", None)}
+            "require_human": args.require_human, "format": getattr(args, "format", None),
+            "isolation": getattr(args, "isolation", "none")}
 
 
 def gate_rows(milestone, result, profile: str) -> list[dict]:
@@ -196,6 +197,7 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
     """:func:`grade`'s work, into the run folder ``out_dir``."""
     import torch
 
+    from grader.candidate import CandidateError, current
     from grader.integrity import differences, snapshot
     from grader.offline import record
     from grader.report import (command_line, device_info, gate_table, git_state, library_versions, record_segment,
@@ -221,17 +223,23 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
         print(f"== {mid}: {milestone.title} ({args.profile} profile{', smoke' if report['smoke'] else ''})", flush=True)
         try:
             result = measure(milestone, args, out_dir, args.checkpoint)
-        except Exception as e:  # training diverged: a failed run (exit 1) with a report, no traceback
-            diverged = training_diverged(e)
-            if diverged is None:
+        except Exception as e:  # training diverged, or the candidate process crashed or hung: a failed
+            diverged = training_diverged(e)  # run (exit 1) with a report, no traceback
+            if diverged is None and not isinstance(e, CandidateError):
                 raise
-            error = diverged["message"]
+            error = diverged["message"] if diverged else f"{type(e).__name__}: {e}"
             print(f"grader: error: {error}", file=sys.stderr, flush=True)
     else:
         error = "shape tests failed: gates not evaluated"
     rows = gate_rows(milestone, result, args.profile)
     controls = control_rows(milestone, result, args.profile)
     integrity["changed_during_run"] = differences(integrity, snapshot(Path(impl["path"])))
+    remote = current()
+    isolation = {"mode": "none", "note": "the implementation ran inside the grader's process (--isolation none)"}
+    if remote is not None and remote.process is not None:
+        isolation = remote.process.isolation()
+        for a in isolation.get("attempts", []):
+            print(f"   candidate sandbox refused: {a['event']} {a['target']}", flush=True)
     grade_ = verdict(tests, result, rows, controls, args.require_human,
                      result.info.get("spec_rows", []) if result else [], integrity["changed_during_run"])
     ok = grade_["status"] == "pass"
@@ -250,7 +258,10 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
         "provenance": {"git": git, "command": command_line(), "seed": args.seed, "world_seed": args.world_seed,
                        "options": options(args), "environment": run_environment(), "segments": segments,
                        # what was graded, module by module, and what measured it
-                       "implementation": {**impl, "supplied_by": supplied_by()},
+                       "implementation": {**impl, "supplied_by": supplied_by() if remote is None else
+                                          (remote.supplied_by() if remote.process and not remote.process.ep.dead
+                                           else {})},
+                       "isolation": isolation,
                        "instruments": {"package": "eval.reference (the grader's own copy of the bundled mmsys)",
                                        "path": str(BUNDLED), "data_judges_metrics": "eval/, eval.reference"},
                        "libraries": library_versions(),

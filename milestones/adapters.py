@@ -67,6 +67,16 @@ class _BundledFallback(importlib.abc.MetaPathFinder):
 _loaded: dict[str, Any] = {}  # what use_implementation loaded: {"path": ..., "root": ...}
 
 
+def describe_implementation(impl: Path | str | None) -> dict:
+    """``{"path": folder of the mmsys package graded, "bundled": bool}`` without importing it
+    (``--isolation process``: the implementation is imported only in the candidate process).
+    Raises ImplementationError when the folder has no ``mmsys/__init__.py``."""
+    root = BUNDLED if impl is None else Path(impl).resolve() / "mmsys"
+    if not (root / "__init__.py").is_file():
+        raise ImplementationError(f"--impl {impl}: no mmsys package there (expected {root / '__init__.py'})")
+    return {"path": str(root), "bundled": root == BUNDLED}
+
+
 def use_implementation(impl: Path | str | None) -> dict:
     """Make ``import mmsys`` load the implementation to grade; call before anything imports it.
 
@@ -132,6 +142,16 @@ class Implementation:
 
     def __init__(self, package: str):
         self.package = package
+
+    def route_to(self, other) -> None:
+        """Answer every seam method (and :meth:`module`) from ``other`` instead: with
+        ``--isolation process`` the candidate's methods become calls into the candidate process
+        (:class:`grader.candidate.RemoteImplementation`). The object stays the same, so every
+        ``impl=CANDIDATE`` default already bound in the milestones follows."""
+        for name, fn in vars(Implementation).items():
+            if getattr(fn, "milestones", None):
+                setattr(self, name, getattr(other, name))
+        self.module = other.module
 
     def module(self, name: str) -> ModuleType:
         """The implementation's module ``name`` (e.g. ``"vit"``, ``"diffusion.samplers"``)."""

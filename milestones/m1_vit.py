@@ -185,7 +185,7 @@ def train(recipe: M1Recipe, train_split, ctx: RunContext, labels: torch.Tensor |
         x = impl.random_crop_flip(images[idx], g, pad=recipe.pad, flip=recipe.flip)
         if recipe.cutout:  # called only when used, so an --impl package without it still grades
             x = impl.cutout(x, g, recipe.cutout)
-        if trainer is not None and trainer.step < switch:
+        if switch and trainer is not None and trainer.step < switch:  # (switch first: no remote read when off)
             x = F.interpolate(x, size=(recipe.low_res, recipe.low_res), mode="bilinear", antialias=True)
         if mixing:  # soft targets (B, n_classes), label smoothing folded in
             return impl.mix_batch(x, y[idx], g, recipe.model["n_classes"], recipe.mixup, recipe.cutmix,
