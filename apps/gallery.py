@@ -34,14 +34,11 @@ def load_gallery(name: str, image_size: int, data_root: Path | None = None, n: i
     try:
         if name == "cifar10":
             from mmsys.data.cifar import load_cifar10
-            import torch.nn.functional as F
+            from mmsys.images import resize_uint8
             where = (root / "cifar10") if root is not None and (root / "cifar10").exists() else root
-            split = load_cifar10(where, "test", limit=n)
-            images = split.images
-            if images.shape[-1] != image_size:
-                images = F.interpolate(images.float(), size=image_size, mode="bilinear", antialias=True,
-                                       align_corners=False).round().clamp(0, 255).byte()
-            return Gallery(images, [CIFAR_CAPTION.format(split.classes[y]) for y in split.labels.tolist()],
+            split = load_cifar10(where, "test")
+            images, labels = resize_uint8(split.images[:n], image_size), split.labels[:n]
+            return Gallery(images, [CIFAR_CAPTION.format(split.classes[y]) for y in labels.tolist()],
                            {"dataset": "cifar10", "split": "test", "n": len(images), "root": str(where)})
         if name == "coco":
             from mmsys.data.coco import load_coco_captions

@@ -29,7 +29,7 @@ import torch
 
 from apps.gallery import NAMES
 from apps.index import KINDS, IndexProblem, IndexSpec, describe
-from apps.retrieve import RetrieveError, open_index, run_query
+from apps.retrieve import RetrieveError, open_index, run_query, unknown_words
 from mmsys.checkpoint import CheckpointError, sha256_file
 
 DEFAULT_CLIP = "runs/m2/checkpoint.pt"
@@ -168,8 +168,7 @@ def text_to_image_tab(t2i_path: str) -> None:
     if not prompt.strip():
         st.error("the prompt is empty: describe an image, e.g. 'a large red circle on the left'")
         return
-    tok = model.text.tokenizer
-    unknown = [w for w in prompt.lower().split() if tok.encode(w, bos=False, eos=False) == [tok.unk_id]]
+    unknown = unknown_words(model.text.tokenizer, prompt)
     if unknown:
         st.warning(f"the model's tokenizer does not know {', '.join(map(repr, unknown))}: they read as <unk>")
     bar = st.progress(0.0, text="sampling ...")

@@ -23,7 +23,8 @@ def gate_test(row: dict, number: str, points: float, controls: list[dict], hidde
     """One gate as a Gradescope test."""
     bad = [c for c in controls if c["gate"] == row["gate"] and not c["passed"]]
     pending = row.get("status") == "pending"
-    earned = points if row["passed"] and not bad and not pending else 0.0
+    ok = row["passed"] and not bad and not pending
+    earned = points if ok else 0.0
     value = "not measured" if row["value"] is None else f"{row['value']:.4g}"
     if pending:
         out = f"pending: {row.get('pending', 'waits for a person')}"
@@ -34,7 +35,7 @@ def gate_test(row: dict, number: str, points: float, controls: list[dict], hidde
         out += "\nthis gate cannot fail as measured: " + "; ".join(
             f"the control '{c['control']}' scored {c['value']}" for c in bad)
     return {"name": row["gate"], "number": number, "score": float(earned), "max_score": float(points),
-            "status": "passed" if earned == points and points > 0 else "failed" if points > 0 else "passed",
+            "status": "passed" if ok else "failed",
             "output": out, "visibility": HIDDEN if hidden else PUBLIC}
 
 

@@ -28,6 +28,7 @@ from eval.probes import run_probes
 from eval.reference.data.world import (RGB, WorldConfig, canonical_caption, composition_classes,
                                        composition_label, scene_row)
 from eval.retrieval import image_to_image_topk, image_to_text_recall, text_to_image_recall, zero_shot_topk
+from eval.reference.images import resize_uint8  # the grader's pixel conversion
 from eval.validation import hold_out_last, record
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Milestone, RunContext, RunResult
@@ -372,14 +373,6 @@ def load_full_data(ctx: RunContext, recipe: M2Recipe, need_train: bool = True):
     if train is not None and recipe.n_val:  # validation: the last n_val training images, never trained on
         train, held = hold_out_last(train, recipe.n_val)
     return train, val, cifar, held
-
-
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, h, w) -> uint8 (N, 3, size, size), bicubic, antialiased."""
-    if images.shape[-1] == size:
-        return images
-    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 # ------------------------------------------------------------------ the milestone

@@ -36,3 +36,13 @@ def load_image(path, size: int) -> torch.Tensor:
         img.draft("RGB", (2 * size, 2 * size))
         img = resize_center_crop(img.convert("RGB"), size)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, h, w) -> uint8 (N, 3, size, size), bicubic, antialiased (unchanged when
+    already that size)."""
+    import torch.nn.functional as F
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
