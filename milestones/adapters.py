@@ -160,7 +160,7 @@ class Implementation:
         return importlib.import_module(f"{self.package}.{name}")
 
     # ---------------------------------------------------------------- engine (every milestone)
-    @capability("m1", "m2", "m3", "m4", "m5")
+    @capability("m1", "m2", "m3", "m4", "m5", "m6")
     def trainer(self, model, config: dict, **kwargs):
         """The training engine: ``train.Trainer(model, train.TrainConfig(**config), **kwargs)``.
 
@@ -240,42 +240,42 @@ class Implementation:
                                                 label_smoothing)
 
     # ================================================================ m2: CLIP
-    @capability("m2", "m3", "m5")
+    @capability("m2", "m3", "m5", "m6")
     def tokenizer_train(self, texts: list[str], min_freq: int = 1):
         """A word tokenizer learned from ``texts`` (every training caption): the specials
         <pad> <unk> <bos> <eos> first, then every word seen at least ``min_freq`` times; unseen
         words map to <unk>. ``len(tokenizer)`` is its vocabulary size."""
         return self.module("text").Tokenizer.train(texts, min_freq=min_freq)
 
-    @capability("m2", "m3", "m5")
+    @capability("m2", "m3", "m5", "m6")
     def tokenizer_state(self, tokenizer) -> dict:
         """The tokenizer as plain data (strings, lists, numbers), stored in a checkpoint's
         ``extra["tokenizer"]``; :meth:`tokenizer_load` rebuilds it."""
         return tokenizer.state_dict()
 
-    @capability("m2", "m3", "m5")
+    @capability("m2", "m3", "m5", "m6")
     def tokenizer_load(self, state: dict):
         """The tokenizer saved by :meth:`tokenizer_state`."""
         return self.module("text").Tokenizer.from_state_dict(state)
 
-    @capability("m2", "m3", "m5")
+    @capability("m2", "m3", "m5", "m6")
     def tokenizer_special_ids(self, tokenizer) -> dict:
         """``{"pad", "unk", "bos", "eos"}`` -> token id."""
         return {"pad": tokenizer.pad_id, "unk": tokenizer.unk_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
 
-    @capability("m2", "m3", "m5")
+    @capability("m2", "m3", "m5", "m6")
     def tokenizer_decode(self, tokenizer, ids) -> str:
         """ids (L,) -> the words up to the first <eos>, specials dropped, joined by spaces."""
         return tokenizer.decode(ids)
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_tokenize(self, tokenizer, texts: list[str], context_length: int):
         """B strings -> (ids (B, L) long, pad_mask (B, L) bool, True = padding): each text
         ``<bos> words <eos>``, right-padded; L = the longest, at most ``context_length``
         (longer texts are truncated and keep their final <eos>)."""
         return tokenizer.batch_encode(texts, context_length)
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_build(self, config: dict):
         """A CLIP from its config dict (``clip.CLIPConfig`` fields: image_tower ("vit" | "cnn"),
         image_size, patch_size, vision_dim, vision_depth, vision_heads, cnn_width, vocab_size,
@@ -285,12 +285,12 @@ class Implementation:
         clip = self.module("clip")
         return clip.CLIP(clip.CLIPConfig(**config))
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_context_length(self, model) -> int:
         """The most tokens the model's text tower takes (L <= this in :meth:`clip_encode_texts`)."""
         return model.context_length
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_pairs(self, images, captions: list[list[str]], tokenizer, context_length: int, image_keys=None):
         """The contrastive batch maker over uint8 images (N, 3, H, W) and their captions (N lists,
         each >= 1). ``image_keys`` (N,) long: equal for images that mean the same thing (None: every
@@ -300,20 +300,20 @@ class Implementation:
         identical (normalised) caption texts."""
         return self.module("clip").PairedCaptions(images, captions, tokenizer, context_length, image_keys)
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_loss(self, image_emb, text_emb, scale, mask=None):
         """Symmetric InfoNCE (CLIP fig. 3): unit vectors (B, E) and (B, E) with row i a matching
         pair, 0-d logit scale, optional (B, B) bool mask of known duplicate pairs (False on the
         diagonal) left out of both softmax denominators -> (0-d loss, {"acc_i2t", "acc_t2i"})."""
         return self.module("clip").clip_loss(image_emb, text_emb, scale, mask)
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_duplicate_mask(self, image_key, text_key=None):
         """Keys (B,) (and optionally text keys (B,)) -> (B, B) bool, True for off-diagonal pairs
         sharing an image key or a text key (the mask :meth:`clip_loss` takes)."""
         return self.module("clip").duplicate_mask(image_key, text_key)
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_train_step(self, model, batch: dict, n_micro: int, autocast_ctx=None) -> dict:
         """The engine's ``step_fn``: :meth:`clip_loss` over the whole batch (a
         :meth:`clip_pairs` batch; duplicate keys masked when present) computed in ``n_micro``
@@ -326,17 +326,17 @@ class Implementation:
         the loss alone."""
         return self.module("clip").gradcache_step(model, batch, n_micro, autocast_ctx, loss_fn=self.clip_loss)
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_encode_images(self, model, images):
         """images (B, 3, H, W) float in [-1, 1] -> (B, E) unit vectors."""
         return model.encode_image(images)
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_encode_texts(self, model, ids, pad_mask):
         """ids (B, L) long, pad_mask (B, L) bool (True = padding) -> (B, E) unit vectors."""
         return model.encode_text(ids, pad_mask)
 
-    @capability("m2", "m5")
+    @capability("m2", "m5", "m6")
     def clip_logit_scale(self, model):
         """The learned logit scale exp(t) = 1 / temperature (0-d tensor; t is a parameter stored
         as a log, initialised at log(1 / 0.07), the scale clamped at 100)."""
@@ -688,6 +688,102 @@ class Implementation:
         return model.sample_images(prompts, negative=negative, seed=seed, generator=generator, n=n, bf16=bf16,
                                    progress=progress, **sampling)
     # ---------------------------------------------------------------- end of m5
+
+
+
+    # ================================================================ m6: audio
+    # Waveforms cross the seam as float (B, T) in [-1, 1] at 16 kHz, zero-padded, with their
+    # lengths (B,) in samples; the grader's speech data (eval.reference.data.speech) makes them.
+    @capability("m6")
+    def audio_mel_filterbank(self, config: dict):
+        """The triangular mel filters (n_mels, n_fft // 2 + 1) of a front-end config dict
+        (``audio.features.LogMelConfig`` fields: sample_rate, n_fft, hop, n_mels, f_min, f_max,
+        htk, slaney_norm, floor, normalize)."""
+        f = self.module("audio.features")
+        return f.mel_filterbank(f.LogMelConfig(**config))
+
+    @capability("m6")
+    def audio_log_mel(self, config: dict, waves, lengths=None, power: bool = False):
+        """The front end: waves (B, T), lengths (B,) -> log-mel (B, n_mels, 1 + T // hop)
+        (per-utterance normalised when the config says so; frames past an utterance's end 0), or
+        with ``power`` the mel power spectrogram before the log."""
+        f = self.module("audio.features")
+        front = f.LogMel(f.LogMelConfig(**config))
+        return front.power_mel(waves) if power else front(waves, lengths)
+
+    @capability("m6")
+    def audio_frame_lengths(self, lengths, hop: int):
+        """Samples (B,) -> frames (B,) of the centred STFT, ``1 + L // hop``."""
+        return self.module("audio.features").frame_lengths(lengths, hop)
+
+    @capability("m6")
+    def audio_spec_augment(self, feats, generator, config: dict, frame_lengths=None):
+        """SpecAugment masks: features (B, n_mels, F) -> masked copy; ``config``:
+        ``audio.augment.SpecAugmentConfig`` fields; time masks stay inside ``frame_lengths`` (B,)."""
+        a = self.module("audio.augment")
+        return a.spec_augment(feats, generator, a.SpecAugmentConfig(**config), frame_lengths)
+
+    @capability("m6")
+    def audio_tower_build(self, config: dict):
+        """An AST tower from its config dict (``audio.tower.AudioTowerConfig`` fields: n_mels,
+        patch_freq, patch_time, max_frames, dim, depth, n_heads, mlp_ratio, dropout)."""
+        t = self.module("audio.tower")
+        return t.AudioTower(t.AudioTowerConfig(**config))
+
+    @capability("m6")
+    def audio_tower(self, tower, feats, n_frames=None):
+        """feats (B, n_mels, F), frame counts (B,) -> (CLS (B, D), tokens (B, N, D), padding mask
+        (B, N) True = past the end); nothing of an utterance depends on what pads it."""
+        out = tower(feats, n_frames)
+        return out.cls, out.tokens, out.padding_mask
+
+    @capability("m6")
+    def audio_build(self, config: dict):
+        """The m6 audio model from its config dict (``audio.model.AudioModelConfig`` fields):
+        front end + AST tower with an embedding head into a CLIP's space and an m3-style
+        transcription decoder. Returns an nn.Module."""
+        m = self.module("audio.model")
+        return m.AudioModel(m.AudioModelConfig(**config))
+
+    @capability("m6")
+    def audio_pairs(self, model, waves: list, image_emb, text_emb, ids, keys=None):
+        """The training batch maker: per utterance a (T_i,) waveform, the frozen CLIP embeddings
+        (N, E) of its scene and its transcript, transcript ids (N, L) and optional duplicate keys
+        (N,). ``len() == N``; ``get_batch(idx (B,), generator) -> dict`` for :meth:`audio_loss`."""
+        return self.module("audio.model").SpokenPairs(model, waves, image_emb, text_emb, ids, keys)
+
+    @capability("m6")
+    def audio_loss(self, model, batch: dict, asr_weight: float):
+        """Symmetric InfoNCE audio-image and audio-text (averaged) + ``asr_weight`` x teacher-forced
+        transcript cross-entropy, on an :meth:`audio_pairs` batch -> (0-d loss, metrics dict)."""
+        return self.module("audio.model").audio_loss(model, batch, asr_weight)
+
+    @capability("m6")
+    def audio_encode(self, model, waves, lengths):
+        """waves (B, T), lengths (B,) -> (B, E) unit vectors in the CLIP space. Each utterance's
+        embedding depends on that utterance only (not on the padding of the batch)."""
+        return model.encode_audio(waves, lengths)
+
+    @capability("m6")
+    def audio_logit_scale(self, model):
+        """The audio model's learned logit scale (0-d tensor, 1 / temperature, clamped)."""
+        return model.scale()
+
+    @capability("m6")
+    def audio_transcribe(self, model, waves, lengths, beam: int = 1, max_len: int | None = None,
+                         alpha: float = 0.6):
+        """Speech recognition: waves (B, T), lengths (B,) -> ids (B, L) <bos> .. <eos>,
+        right-padded; greedy at ``beam=1``, else beam search (GNMT length normalisation)."""
+        if beam == 1:
+            return model.greedy(waves, lengths, max_len=max_len)
+        return model.beam_search(waves, lengths, beam=beam, max_len=max_len, alpha=alpha)
+
+    @capability("m6")
+    def audio_cross_attention(self, model, waves, lengths, ids):
+        """Where in time the decoder listened: ids (B, L) as transcribed -> (B, L - 1, time
+        patches) attention mass; row k belongs to token ``ids[:, k + 1]``."""
+        return model.cross_attention(waves, lengths, ids)
+    # ---------------------------------------------------------------- end of m6
 
 
 

@@ -1,20 +1,49 @@
 """m6 audio tower (AST-style): shapes, patch layout, the padding mask really masks, batch
-independence, determinism, parameter count. The bundled tower is tested directly (the m6 seam
-comes with the milestone)."""
+independence, determinism, parameter count. Through the m6 seam (milestones/adapters.py)."""
 
 import pytest
 import torch
 
-from mmsys.audio.tower import AudioTower, AudioTowerConfig, patchify_spectrogram
+from milestones.adapters import CANDIDATE as impl
 
 pytestmark = [pytest.mark.m6, pytest.mark.usefixtures("one_thread")]
-CFG = AudioTowerConfig(n_mels=32, patch_freq=8, patch_time=8, max_frames=96, dim=32, depth=2, n_heads=4,
-                       mlp_ratio=2.0)
+CFG = dict(n_mels=32, patch_freq=8, patch_time=8, max_frames=96, dim=32, depth=2, n_heads=4, mlp_ratio=2.0,
+           dropout=0.0)
 
 
-def tower(seed: int = 0) -> AudioTower:
+class Out:
+    """The seam's (cls, tokens, padding_mask) with names."""
+
+    def __init__(self, cls, tokens, padding_mask):
+        self.cls, self.tokens, self.padding_mask = cls, tokens, padding_mask
+
+
+class Tower:
+    """A tower built and called through the seam (``impl.audio_tower``)."""
+
+    def __init__(self, cfg: dict):
+        self.module = impl.audio_tower_build(cfg)
+
+    def __call__(self, feats, n_frames=None) -> Out:
+        return Out(*impl.audio_tower(self.module, feats, n_frames))
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def train(self):
+        self.module.train()
+        return self
+
+
+def tower(seed: int = 0) -> Tower:
     torch.manual_seed(seed)
-    return AudioTower(CFG).eval()
+    t = Tower(CFG)
+    t.module.eval()
+    return t
+
+
+def patchify_spectrogram(x, p_f, p_t):
+    return impl.module("audio.tower").patchify_spectrogram(x, p_f, p_t)
 
 
 def feats(b: int = 2, frames: int = 70, seed: int = 0) -> torch.Tensor:
@@ -81,5 +110,5 @@ def test_parameter_count():
     block = 2 * D + (D * D + D) + (D * 2 * D + 2 * D) + (D * D + D) + 2 * D + (D * h + h) + (h * D + D)
     expected = (64 * D + D) + 12 * 4 * D + D + depth * block + 2 * D  # patches, grid, CLS, blocks, final LN
     assert sum(p.numel() for p in tower().parameters()) == expected
-    default = sum(p.numel() for p in AudioTower().parameters())
+    default = sum(p.numel() for p in impl.audio_tower_build({}).parameters())
     assert 2.5e6 < default < 3.5e6  # dim 192, depth 6: a small AST (the paper's is 87M)
