@@ -16,9 +16,9 @@ CFG = dict(vocab_size=20, max_len=12, n_mels=16, patch_freq=16, patch_time=4, ma
            enc_depth=2, enc_heads=4, embed_dim=24, dim=32, depth=2, n_heads=4)
 
 
-def model(seed: int = 0):
+def model(seed: int = 0, **kw):
     torch.manual_seed(seed)
-    return impl.audio_build(CFG).eval()
+    return impl.audio_build({**CFG, **kw}).eval()
 
 
 def waves(lengths=(8000, 3000, 5000), seed: int = 0) -> list[torch.Tensor]:
@@ -26,8 +26,9 @@ def waves(lengths=(8000, 3000, 5000), seed: int = 0) -> list[torch.Tensor]:
     return [(0.3 * torch.randn(n, generator=g)).clamp(-1, 1) for n in lengths]
 
 
-def test_embedding_shapes_and_batch_independence():
-    m, ws = model(), waves()
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_embedding_shapes_and_batch_independence(pool):
+    m, ws = model(pool=pool), waves()
     batch, lengths = pad(ws)
     emb = impl.audio_encode(m, batch, lengths)
     assert emb.shape == (3, 24)
@@ -91,7 +92,7 @@ def test_loss_equals_its_definition_and_trains_every_part():
     batch, _ = batch_of(m)
     loss, logs = impl.audio_loss(m, batch, 0.5)
     out = m.listen(batch["feats"], batch["n_frames"])
-    a = F.normalize(m.proj(out.cls), dim=-1)
+    a = F.normalize(m.proj(out.cls), dim=-1)  # pool 'cls' (the default)
     s = m.scale()
     same = batch["key"][:, None] == batch["key"][None, :]
     mask = same & ~torch.eye(4, dtype=torch.bool)
@@ -122,3 +123,18 @@ def test_word_error_rate_known_answers():
     assert word_error_rate(["one two"], ["one two"])["wer"] == 0.0
     with pytest.raises(ValueError):
         word_error_rate(["a"], ["a", "b"])
+
+
+def test_speech_attention_figure(tmp_path):
+    from eval.audio_figures import speech_attention_figure
+    m, ws = model(), waves()
+    batch, lengths = pad(ws)
+    ids = impl.audio_transcribe(m, batch, lengths, max_len=6)
+    att = impl.audio_cross_attention(m, batch, lengths, ids)
+    feats, n = m.features(batch, lengths)
+    vocab = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(16)]
+    path = speech_attention_figure([feats[b, :, :int(n[b])] for b in range(3)], ids, att, tmp_path / "a.png",
+                                   vocab=vocab, transcripts=["x"] * 3, hypotheses=["y"] * 3, eos_id=3, pad_id=0,
+                                   patch_time=CFG["patch_time"])
+    from PIL import Image
+    assert Image.open(path).size[0] > 500

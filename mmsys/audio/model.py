@@ -55,6 +55,7 @@ class AudioModelConfig:
     enc_mlp_ratio: float = 2.0
     # embedding head: the width of the CLIP space it joins
     embed_dim: int = 96
+    pool: str = "cls"  # what the embedding head reads: "cls", or "mean" of the real patch tokens
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     # transcription decoder (m3's)
@@ -105,9 +106,15 @@ class AudioModel(CrossAttentionDecoder):
         """Log-mel (B, n_mels, F), frame counts (B,) -> the tower's CLS, tokens and padding mask."""
         return self.tower(feats, n_frames)
 
-    def project(self, cls: torch.Tensor) -> torch.Tensor:
-        """CLS (B, Da) -> (B, E) unit vectors in the CLIP space."""
-        return F.normalize(self.proj(cls), dim=-1)
+    def project(self, out: AudioTowerOutput) -> torch.Tensor:
+        """The tower's output -> (B, E) unit vectors in the CLIP space: its CLS, or the mean of its
+        real patch tokens (``cfg.pool``), through the linear head."""
+        if self.cfg.pool == "mean":
+            real = (~out.padding_mask).unsqueeze(-1).to(out.tokens.dtype)  # (B, N, 1)
+            h = (out.tokens * real).sum(1) / real.sum(1).clamp(min=1.0)
+        else:
+            h = out.cls
+        return F.normalize(self.proj(h), dim=-1)
 
     def scale(self) -> torch.Tensor:
         """The logit scale exp(t) = 1 / temperature, clamped at ``max_logit_scale``."""
@@ -116,7 +123,7 @@ class AudioModel(CrossAttentionDecoder):
     # ------------------------------------------------------------------ from waveforms
     def encode_audio(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """waves (B, T), lengths (B,) -> (B, E) unit vectors (what retrieval compares)."""
-        return self.project(self.listen(*self.features(waves, lengths)).cls)
+        return self.project(self.listen(*self.features(waves, lengths)))
 
     def encode(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """waves (B, T), lengths (B,) -> the decoder's memory: patch tokens (B, N, Da) and their
@@ -158,7 +165,7 @@ def audio_loss(model: AudioModel, batch: dict, asr_weight: float = AudioLossWeig
     pair against the frozen image and text embeddings (known duplicates masked out of the
     denominators when the batch has ``key``), and teacher-forced cross-entropy of the transcript."""
     out = model.listen(batch["feats"], batch["n_frames"])
-    a = model.project(out.cls)
+    a = model.project(out)
     scale = model.scale()
     mask = duplicate_mask(batch["key"]) if "key" in batch else None
     l_img, m_img = clip_loss(a, batch["image_emb"], scale, mask)
