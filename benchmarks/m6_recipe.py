@@ -32,15 +32,6 @@ from milestones.m2_clip import (RECIPES, class_embeddings, composition_names, em
                                 train_clip, world_image_keys)
 
 
-def transcript_ids(tok, texts: list[str], max_len: int) -> torch.Tensor:
-    """(N, max_len) ids <bos> .. <eos> right-padded with <pad> (id 0)."""
-    ids = torch.zeros(len(texts), max_len, dtype=torch.long)
-    for i, t in enumerate(texts):
-        e = tok.encode(t, max_len)
-        ids[i, :len(e)] = torch.tensor(e)
-    return ids
-
-
 @torch.no_grad()
 def embed_audio(model, split, batch: int = 100) -> torch.Tensor:
     out = []
@@ -78,7 +69,7 @@ def main(argv=None) -> None:
     config = {"vocab_size": len(tok), **json.loads(args.config)}
     torch.manual_seed(args.seed)
     model = impl.audio_build(config)
-    ids = transcript_ids(tok, train.transcripts, model.cfg.max_len)
+    ids, _ = impl.clip_tokenize(tok, train.transcripts, model.cfg.max_len)  # <bos> .. <eos>, padded
     pairs = impl.audio_pairs(model, train.waves, embed_images(clip, scenes.images),
                              embed_texts(clip, tok, train.transcripts), ids, world_image_keys(scenes.meta["scenes"]))
     tc = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.05, warmup_steps=50,

@@ -35,6 +35,7 @@ from ..decoder import PAD_ID, CrossAttentionDecoder, eval_mode, teacher_forcing_
 from .augment import SpecAugmentConfig, spec_augment
 from .features import LogMel, LogMelConfig, frame_lengths
 from .tower import AudioTower, AudioTowerConfig, AudioTowerOutput
+from .waves import pad
 
 
 @dataclass
@@ -153,12 +154,10 @@ class AudioModel(CrossAttentionDecoder):
 
 
 # ---------------------------------------------------------------------- training
-@dataclass
-class AudioLossWeights:
-    asr: float = 1.0  # weight of the transcription cross-entropy against the binding loss
+ASR_WEIGHT = 1.0  # weight of the transcription cross-entropy against the binding loss
 
 
-def audio_loss(model: AudioModel, batch: dict, asr_weight: float = AudioLossWeights.asr) -> tuple[torch.Tensor, dict]:
+def audio_loss(model: AudioModel, batch: dict, asr_weight: float = ASR_WEIGHT) -> tuple[torch.Tensor, dict]:
     """The training loss of one :class:`SpokenPairs` batch -> (scalar, metrics).
 
     ``(clip_loss(a, image) + clip_loss(a, text)) / 2 + asr_weight * CE``: symmetric InfoNCE per
@@ -197,7 +196,6 @@ class SpokenPairs:
         if not (len(image_emb) == len(text_emb) == len(ids) == n):
             raise ValueError(f"{n} utterances but {len(image_emb)} image, {len(text_emb)} text targets, "
                              f"{len(ids)} transcripts")
-        from .waves import pad
         self.feats: list[torch.Tensor] = [None] * n  # per utterance (n_mels, F_i) float16
         order = sorted(range(n), key=lambda i: len(waves[i]))  # similar lengths pad little
         for s in range(0, n, batch_size):
