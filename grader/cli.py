@@ -132,8 +132,13 @@ def check_usage(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--resume: {', '.join(not_resumable)} cannot resume "
                          f"training (only {', '.join(m for m in available() if load(m).resumable)}); drop --resume")
     no_profile = [m for m in ids if args.profile not in load(m).thresholds]
-    if no_profile:
-        raise UsageError(f"{', '.join(no_profile)} has no '{args.profile}' profile")
+    if no_profile and args.milestone != "all":
+        why = load(no_profile[0]).data_needed.get(args.profile)
+        raise UsageError(f"{no_profile[0]} has no '{args.profile}' profile" + (f" ({why})" if why else ""))
+    if no_profile:  # `all`: graded without them, and said so
+        print(f"== {', '.join(no_profile)}: no '{args.profile}' profile, not graded "
+              f"({', '.join(load(m).data_needed.get(args.profile, 'quick only') for m in no_profile)})", flush=True)
+        ids = [m for m in ids if m not in no_profile]
     no_smoke = [m for m in ids if args.smoke and args.profile not in load(m).smoke_recipes]
     if no_smoke:
         raise UsageError(f"--smoke: {', '.join(no_smoke)} has no smoke recipe for the {args.profile} profile; drop --smoke")

@@ -11,6 +11,7 @@ MODULES = {
     "m3": "milestones.m3_caption",
     "m4": "milestones.m4_ddpm",
     "m5": "milestones.m5_text_to_image",
+    "m6": "milestones.m6_audio",
 }
 
 

@@ -742,8 +742,7 @@ class Implementation:
         """The m6 audio model from its config dict (``audio.model.AudioModelConfig`` fields):
         front end + AST tower with an embedding head into a CLIP's space and an m3-style
         transcription decoder. Returns an nn.Module."""
-        m = self.module("audio.model")
-        return m.AudioModel(m.AudioModelConfig(**config))
+        return self.module("audio.model").build_model(config)
 
     @capability("m6")
     def audio_pairs(self, model, waves: list, image_emb, text_emb, ids, keys=None):

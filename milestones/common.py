@@ -65,7 +65,8 @@ def data_root(ctx, subdir: str, needed: str) -> Path:
 
 
 # what each kind of checkpoint must carry in ``extra`` for the grader to use it
-REQUIRED_EXTRA = {"clip": ("tokenizer",), "captioner": ("tokenizer",), "t2i": ("tokenizer",)}
+REQUIRED_EXTRA = {"clip": ("tokenizer",), "captioner": ("tokenizer",), "t2i": ("tokenizer",),
+                  "audio": ("tokenizer", "clip_checkpoint")}
 
 
 def read_checkpoint(path, kind: str) -> dict:

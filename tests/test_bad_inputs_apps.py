@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apps import caption, generate, human_eval, retrieve, sample
+from apps import caption, generate, human_eval, retrieve, sample, speak
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,6 +47,7 @@ def assert_one_line_error(code, err, *words):
 @pytest.fixture
 def no_models(monkeypatch):
     """Loading any model fails the test: a bad argument must be found before."""
+    import mmsys.audio.model
     import mmsys.captioner
     import mmsys.text2image
 
@@ -56,6 +57,7 @@ def no_models(monkeypatch):
     monkeypatch.setattr(retrieve, "load_clip", boom)
     monkeypatch.setattr(mmsys.text2image, "load_text2image", boom)
     monkeypatch.setattr(mmsys.captioner, "load_captioner", boom)
+    monkeypatch.setattr(mmsys.audio.model, "load_audio_model", boom)
 
 
 @pytest.fixture
@@ -125,6 +127,21 @@ def test_generate_empty_prompt(work, no_models, capsys):
 def test_caption_bad_argument(bad, words, work, no_models, capsys):
     before = snapshot(work)
     code, err = run_main(caption.main, [work / "img.png", "--checkpoint", work / "checkpoint.pt"] + bad, capsys)
+    assert_one_line_error(code, err, words)
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("bad,words", [
+    ([], "not both"), (["q", "--wav", "{w}/img.png"], "not both"), (["   "], "empty"),
+    (["--wav", "{w}/none.wav"], "no such file"), (["--wav", "{w}/file.txt"], "cannot be read as audio"),
+    (["q", "--voice", "klingon"], "--voice"), (["q", "--voice", "en-us+x9"], "--voice"),
+    (["q", "--speed", "10"], "--speed"), (["q", "--pitch", "100"], "--pitch"), (["q", "-k", "0"], "-k"),
+    (["q", "--out", "{w}/sub"], "is a folder"), (["q", "--out", "{w}/file.txt"], "--force"),
+])
+def test_speak_bad_argument(bad, words, work, no_models, capsys):
+    before = snapshot(work)
+    code, err = run_main(speak.main, [b.format(w=work) for b in bad] + ["--checkpoint", work / "checkpoint.pt"],
+                         capsys)
     assert_one_line_error(code, err, words)
     assert snapshot(work) == before
 

@@ -65,9 +65,13 @@ def test_all_in_parallel_logs_each_milestone_and_keeps_exit_codes(tmp_path):
     r = grader("all", "--jobs", "2", "--profile", "full", "--data-root", str(tmp_path / "nowhere"), "--skip-tests",
                "--out", str(runs))
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    ids = available()
+    from milestones import load
+    ids = [m for m in available() if "full" in load(m).thresholds]
     started = [line.split(":")[0].removeprefix("== ") for line in r.stdout.splitlines() if "started" in line]
     assert started == sorted(ids, reverse=True)
+    for mid in set(available()) - set(ids):  # a milestone without the profile is named, not dropped silently
+        assert any(line.startswith("== ") and mid in line and "no 'full' profile, not graded" in line
+                   for line in r.stdout.splitlines()), r.stdout
     for mid in ids:
         log = (runs / f"{mid}-full.log").read_text()
         assert "grader: error:" in log and "nowhere" in log, log  # --data-root reached the child

@@ -153,6 +153,21 @@ class AudioModel(CrossAttentionDecoder):
         return w.reshape(*w.shape[:2], -1, f).sum(-1)
 
 
+def build_model(config: dict) -> AudioModel:
+    """An :class:`AudioModel` from its config dict (:class:`AudioModelConfig` fields)."""
+    return AudioModel(AudioModelConfig(**config))
+
+
+def load_audio_model(path) -> tuple[AudioModel, dict]:
+    """An "audio" checkpoint file -> (model in eval mode, EMA weights when the run kept them; the
+    checkpoint dict, whose ``extra["clip_checkpoint"]`` names the CLIP it was bound to, relative
+    to the checkpoint's folder). Raises CheckpointError for another kind."""
+    from ..checkpoint import load_checkpoint, load_into
+    ck = load_checkpoint(path, expect_kind="audio")
+    model = load_into(path, ck, build_model, required_extra=("tokenizer", "clip_checkpoint"))
+    return model.eval(), ck
+
+
 # ---------------------------------------------------------------------- training
 ASR_WEIGHT = 1.0  # weight of the transcription cross-entropy against the binding loss
 
