@@ -39,13 +39,15 @@ class RetrieveError(Exception):
     """A usage problem; the message says what to do."""
 
 
-def find_checkpoint(path: Path | None) -> Path:
-    """The given checkpoint, or the grader's default output (relative to cwd, then the repo)."""
-    candidates = (path,) if path is not None else (DEFAULT_CHECKPOINT, REPO_ROOT / DEFAULT_CHECKPOINT)
+def find_checkpoint(path: Path | None, default: Path = DEFAULT_CHECKPOINT, what: str = "CLIP",
+                    milestone: str = "m2") -> Path:
+    """The given checkpoint, or the grader's ``default`` output (relative to cwd, then the repo);
+    RetrieveError naming ``milestone``'s grader run when there is none."""
+    candidates = (path,) if path is not None else (default, REPO_ROOT / default)
     for p in candidates:
         if p.is_file():
             return p
-    raise RetrieveError(missing_checkpoint(candidates[0], "CLIP", "m2"))
+    raise RetrieveError(missing_checkpoint(candidates[0], what, milestone))
 
 
 def index_folder(checkpoint: Path, gallery: str, kind: str) -> Path:

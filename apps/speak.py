@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from apps.cli import ArgumentParser, fail, missing_checkpoint, positive_int, unwritable, would_overwrite
+from apps.cli import ArgumentParser, fail, positive_int, unwritable, would_overwrite
 from apps.index import IndexProblem, IndexSpec
-from apps.retrieve import RetrieveError, open_index, save_results_figure
+from apps.retrieve import RetrieveError, find_checkpoint, open_index, save_results_figure
 from mmsys.checkpoint import CheckpointError, config_errors
 from mmsys.data.split import DataMissingError
 
 DEFAULT_CHECKPOINT = Path("runs/m6/checkpoint.pt")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def spoken(text: str, voice: str, speed: int, pitch: int) -> torch.Tensor:
@@ -37,15 +36,6 @@ def spoken(text: str, voice: str, speed: int, pitch: int) -> torch.Tensor:
     from mmsys.audio.waves import dequantise
     spec = {"text": text, "voice": voice, "speed": speed, "pitch": pitch, "noise_seed": 0, "snr_db": None}
     return dequantise(render_utterance(spec, SpeechConfig(), espeak_path()))
-
-
-def find_checkpoint(path: Path | None) -> Path:
-    """The given checkpoint, or the grader's default output (relative to cwd, then the repo)."""
-    candidates = (path,) if path is not None else (DEFAULT_CHECKPOINT, REPO_ROOT / DEFAULT_CHECKPOINT)
-    for p in candidates:
-        if p.is_file():
-            return p
-    raise RetrieveError(missing_checkpoint(candidates[0], "audio", "m6"))
 
 
 @torch.no_grad()
@@ -85,7 +75,7 @@ def main(argv=None) -> int:
             raise RetrieveError(f"--speed {a.speed}: give 80-450 words per minute")
         if not 0 <= a.pitch <= 99:
             raise RetrieveError(f"--pitch {a.pitch}: give 0-99")
-        path = find_checkpoint(a.checkpoint)
+        path = find_checkpoint(a.checkpoint, DEFAULT_CHECKPOINT, "audio", "m6")
         slug = re.sub(r"[^a-z0-9]+", "_", (a.text or a.wav.stem).lower()).strip("_")[:60] or "query"
         out = a.out or path.parent / "speak" / f"{slug}.png"
         problem = unwritable(out, "--out", create_parents=True) or (a.out and would_overwrite([a.out], a.force))
