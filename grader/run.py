@@ -37,7 +37,7 @@ def run_shape_tests(milestone, out_dir: Path, skip: bool, impl: dict) -> dict:
     print(f"== {milestone.id}: shape tests against {impl['path']}: {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
-    summary = lines[-1] if lines else "no output"
+    summary = junit_summary(junit) or (lines[-1] if lines else "no output")
     if proc.returncode != 0:
         print(proc.stdout[-20000:], proc.stderr[-5000:], sep="\n", flush=True)
     else:
@@ -45,6 +45,22 @@ def run_shape_tests(milestone, out_dir: Path, skip: bool, impl: dict) -> dict:
     return {"passed": proc.returncode == 0, "returncode": proc.returncode, "summary": summary,
             "implementation": impl["path"],
             "command": " ".join(["python"] + cmd[1:]).replace(str(REPO) + "/", ""), "junit": str(junit)}
+
+
+def junit_summary(junit: Path) -> str | None:
+    """"N passed, M failed, K errors, S skipped in T s" from a pytest junit XML (None when the
+    file is missing or unreadable: pytest did not get as far as writing it)."""
+    import xml.etree.ElementTree as ET
+    try:
+        suites = ET.parse(junit).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [suites] if suites.tag == "testsuite" else list(suites.iter("testsuite"))
+    n = {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors", "skipped")}
+    seconds = sum(float(x.get("time", 0)) for x in suites)
+    passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    return (f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped "
+            f"in {seconds:.1f} s")
 
 
 def slow_tests(milestone) -> list[str]:

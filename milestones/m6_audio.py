@@ -43,8 +43,16 @@ from milestones.m6_checks import (CONTROL_SEED, CONTROLS, GATES, PITFALLS, Audio
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
     # Chance: a2i R@10 of 1,000 images 0.010; zero-shot top-5 among 80 compositions 0.0625.
-    # Provisional until results/calibration/m6.md (seeds (0,0), (1,1), (2,2)).
-    "quick": {"a2i_R@10": 0.10, "zeroshot_top5": 0.20, "wer": 0.60},
+    # Calibrated (results/calibration/m6.md: (seed, world seed) = (0,0), (1,1), (2,2), rule: at
+    # least max(3 sd, 2 %) beyond the worst honest run, beyond the best control); first set by hand
+    # to 0.10 / 0.20 / 0.60 before any run, which the rule did not allow for the first two:
+    # a2i R@10 0.169 / 0.215 / 0.245 (sd 0.038): 0.05 is 3.1 sd below the worst; best control 0.017;
+    # top-5 0.271 / 0.303 / 0.376 (sd 0.054): 0.109 is 3.0 sd below the worst, but only 0.007 above
+    # the best control (a constant embedding, 0.102: the held-out classes nearest one vector), a
+    # thin side: more training (a longer quick run) is what would widen it;
+    # WER 0.489 / 0.490 / 0.453 (sd 0.021): 0.56 is 3.3 sd above the worst; best control 0.81 (the
+    # most frequent transcript).
+    "quick": {"a2i_R@10": 0.05, "zeroshot_top5": 0.109, "wer": 0.56},
 }
 POINTS = {"a2i_R@10": 4, "zeroshot_top5": 3, "wer": 3}
 
