@@ -27,7 +27,7 @@ import torch
 from eval.audio_figures import speech_attention_figure
 from eval.clip_figures import retrieval_grid
 from eval.reference.audio.waves import pad
-from eval.reference.data.speech import make_speech_split
+from eval.reference.data.speech import make_speech_split, spoken_transcripts
 from eval.reference.data.world import WorldConfig, composition_label
 from eval.validation import record
 from eval.wer import word_error_rate
@@ -281,7 +281,8 @@ def run_quick(ctx: RunContext, recipe: M6Recipe) -> RunResult:
     t1 = time.perf_counter()
     fresh = untrained_audio(config, ctx.seed, ctx.device)
     fm, _, fresh_hyp = evaluate(fresh, clip, tok, test, heldout, classifier)
-    train_texts = train.transcripts if train is not None else speech_split(ctx, "train", recipe.n_train).transcripts
+    train_texts = (train.transcripts if train is not None
+                   else spoken_transcripts("train", recipe.n_train, world=WorldConfig(seed=ctx.world_seed)))
     controls = {"untrained model": {k: fm[k] for k in ("a2i_R@10", "zeroshot_top5", "wer")},
                 "constant audio embedding": constant_audio(d),
                 "shuffled audio": shuffled_audio(d, CONTROL_SEED + ctx.seed),

@@ -91,6 +91,7 @@ def test_spoken_split(cache):
     assert all(torch.equal(a, b) for a, b in zip(prefix.waves, s.waves))
     other = S.make_speech_split("test", 3, cache=False)
     assert other.transcripts != s.transcripts[:3]
+    assert S.spoken_transcripts("val", 6) == s.transcripts  # what is said, without speaking it
 
 
 @needs_espeak

@@ -180,6 +180,15 @@ def _speak_chunk(specs: list[dict], cfg: SpeechConfig, path: str, cache: bool) -
     return list(torch.split(saved["samples"], saved["lengths"].tolist()))
 
 
+def spoken_transcripts(split: str = "train", n: int | None = None, cfg: SpeechConfig = SpeechConfig(),
+                       world: WorldConfig = WorldConfig(), single: bool = False) -> list[str]:
+    """What :func:`make_speech_split` with the same arguments says, without speaking it (no
+    espeak-ng needed): one transcript per utterance."""
+    n = SPLIT_SIZES[split] if n is None else int(n)
+    return [s["text"] for s in utterance_specs(split, make_split(split, n, world, single=single).captions, cfg,
+                                                world.seed)]
+
+
 def make_speech_split(split: str = "train", n: int | None = None, cfg: SpeechConfig = SpeechConfig(),
                       world: WorldConfig = WorldConfig(), single: bool = False,
                       cache: bool = True) -> AudioSplit:
