@@ -4,7 +4,8 @@
     python -m apps.speak "two green stars" --voice en-gb-scotland+f2 --speed 150
     python -m apps.speak --wav my_recording.wav -k 5          # a recording instead of espeak-ng
 
-The sentence is spoken by espeak-ng (clean, 16 kHz, the spoken world's pipeline), or a WAV/FLAC
+The sentence is spoken by espeak-ng (16 kHz with 20 dB of white noise by default: the spoken
+world's pipeline, which is all the model has heard; ``--snr``, ``--clean``), or a WAV/FLAC
 file is read and resampled. The audio model (default ``runs/m6/checkpoint.pt``, written by
 ``python grader.py m6``) embeds the sound into its CLIP's space and transcribes it; the CLIP's
 Faiss index of the gallery (:func:`apps.retrieve.open_index`: the world's test split by default,
@@ -30,11 +31,12 @@ from mmsys.data.split import DataMissingError
 DEFAULT_CHECKPOINT = Path("runs/m6/checkpoint.pt")
 
 
-def spoken(text: str, voice: str, speed: int, pitch: int) -> torch.Tensor:
-    """``text`` spoken by espeak-ng: (T,) float32 in [-1, 1] at 16 kHz, no added noise."""
-    from mmsys.data.speech import SpeechConfig, espeak_path, render_utterance
+def spoken(text: str, voice: str, speed: int, pitch: int, snr_db: float | None) -> torch.Tensor:
+    """``text`` spoken by espeak-ng: (T,) float32 in [-1, 1] at 16 kHz, with white noise at
+    ``snr_db`` (seeded; None: clean) as in the spoken world the model was trained on."""
     from mmsys.audio.waves import dequantise
-    spec = {"text": text, "voice": voice, "speed": speed, "pitch": pitch, "noise_seed": 0, "snr_db": None}
+    from mmsys.data.speech import SpeechConfig, espeak_path, render_utterance
+    spec = {"text": text, "voice": voice, "speed": speed, "pitch": pitch, "noise_seed": 0, "snr_db": snr_db}
     return dequantise(render_utterance(spec, SpeechConfig(), espeak_path()))
 
 
@@ -46,7 +48,7 @@ def listen(model, tok, wave: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 
 def main(argv=None) -> int:
-    from mmsys.data.speech import VARIANTS, VOICES
+    from mmsys.data.speech import VARIANTS, VOICES, SpeechConfig
     p = ArgumentParser(prog="python -m apps.speak", description=__doc__.split("\n\n")[0])
     p.add_argument("text", nargs="?", help="the sentence to speak, e.g. 'a red circle on the left'")
     p.add_argument("--wav", type=Path, default=None, help="a WAV/FLAC recording to use instead of speaking")
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
                    f"with a variant ({', '.join(v for v in VARIANTS if v)}); default en-us")
     p.add_argument("--speed", type=int, default=170, help="words per minute, 80-450 (default 170)")
     p.add_argument("--pitch", type=int, default=50, help="0-99 (default 50)")
+    p.add_argument("--snr", type=float, default=SpeechConfig().snr_db,
+                   help=f"background noise in dB SNR, as the spoken world has (default {SpeechConfig().snr_db:g}); "
+                        "the model never heard clean speech")
+    p.add_argument("--clean", action="store_true", help="no added noise")
     p.add_argument("--checkpoint", type=Path, default=None, help=f"m6 audio checkpoint (default {DEFAULT_CHECKPOINT})")
     p.add_argument("--out", type=Path, default=None,
                    help="PNG to write (default <checkpoint dir>/speak/<sentence>.png, replaced by the same sentence)")
@@ -75,6 +81,8 @@ def main(argv=None) -> int:
             raise RetrieveError(f"--speed {a.speed}: give 80-450 words per minute")
         if not 0 <= a.pitch <= 99:
             raise RetrieveError(f"--pitch {a.pitch}: give 0-99")
+        if not -20 <= a.snr <= 100:
+            raise RetrieveError(f"--snr {a.snr:g}: give a signal-to-noise ratio of -20 to 100 dB (or --clean)")
         path = find_checkpoint(a.checkpoint, DEFAULT_CHECKPOINT, "audio", "m6")
         slug = re.sub(r"[^a-z0-9]+", "_", (a.text or a.wav.stem).lower()).strip("_")[:60] or "query"
         out = a.out or path.parent / "speak" / f"{slug}.png"
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
             except Exception as e:  # soundfile: not a sound file, or an unknown format
                 raise RetrieveError(f"--wav {a.wav}: cannot be read as audio ({e}); give a WAV or FLAC file") from None
         else:
-            wave = spoken(a.text, a.voice, a.speed, a.pitch)
+            wave = spoken(a.text, a.voice, a.speed, a.pitch, None if a.clean else a.snr)
         from mmsys.audio.model import load_audio_model
         from mmsys.clip import load_clip
         from mmsys.text import Tokenizer

@@ -136,6 +136,7 @@ def test_caption_bad_argument(bad, words, work, no_models, capsys):
     (["--wav", "{w}/none.wav"], "no such file"), (["--wav", "{w}/file.txt"], "cannot be read as audio"),
     (["q", "--voice", "klingon"], "--voice"), (["q", "--voice", "en-us+x9"], "--voice"),
     (["q", "--speed", "10"], "--speed"), (["q", "--pitch", "100"], "--pitch"), (["q", "-k", "0"], "-k"),
+    (["q", "--snr", "nan"], "--snr"), (["q", "--snr", "500"], "--snr"),
     (["q", "--out", "{w}/sub"], "is a folder"), (["q", "--out", "{w}/file.txt"], "--force"),
 ])
 def test_speak_bad_argument(bad, words, work, no_models, capsys):
