@@ -405,7 +405,7 @@ class Trainer:
                    "final_metrics": record, "loss_curve": curve, "stopped_early": stopped_early,
                    "max_seconds": cfg.max_seconds,
                    "checkpoint": str(ckpt) if ckpt else None, "world_size": self.dist.world_size,
-                   "device": str(self.device), "bf16": cfg.bf16,
+                   "device": str(self.device), "bf16": self.autocast.enabled, "bf16_requested": cfg.bf16,
                    # process CPU seconds and the machine's load: wall time on a shared machine
                    # says little, CPU time / threads says what an idle machine would take
                    "cpu_s": time.process_time() - cpu0, "torch_threads": torch.get_num_threads(),

@@ -13,6 +13,7 @@ from torch import nn
 
 import mmsys.checkpoint as ckmod
 from mmsys.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from mmsys.optim import native_bf16
 from mmsys.train import (EMA, Trainer, TrainConfig, batch_indices, build_optimizer, build_scheduler,
                          lr_at, param_groups, seed_everything, split_batch)
 
@@ -286,6 +287,33 @@ def test_max_seconds_stops_early(tmp_path):
 def test_bf16_autocast_runs():
     s = make(bf16=True).fit()
     assert math.isfinite(s["final_metrics"]["loss"])
+    assert s["bf16_requested"] and s["bf16"] == native_bf16("cpu")  # the summary says what ran
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_only_where_the_device_runs_it_natively(monkeypatch, native):
+    """Emulated bf16 (a CPU without AVX-512 BF16 / AMX) is ~20x slower than float32: asked-for
+    bf16 autocast runs only where it is native, in the engine and in the samplers."""
+    import mmsys.diffusion.samplers as samplers_mod
+    import mmsys.optim as optim_mod
+    monkeypatch.setattr(optim_mod, "native_bf16", lambda device_type: native)
+    monkeypatch.setattr(samplers_mod, "native_bf16", lambda device_type: native)
+    ctx = optim_mod.Autocast("cpu", True)
+    assert ctx.requested and ctx.enabled == native
+    with ctx:
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    assert not optim_mod.Autocast("cpu", False).enabled
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append(torch.nn.Linear(4, 4)(x.flatten(1)).dtype)
+        return torch.zeros_like(x)
+    from mmsys.diffusion.schedule import NoiseSchedule
+    sampler = samplers_mod.DDIMSampler(NoiseSchedule.make("linear", T=10))
+    sampler.set_timesteps(2)
+    samplers_mod.sample(eps_fn, sampler, (1, 1, 2, 2), torch.Generator().manual_seed(0), bf16=True)
+    assert seen == [torch.bfloat16 if native else torch.float32] * 2
 
 
 def test_resume_rejects_other_model_config(tmp_path):

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion.schedule import NoiseSchedule
+from ..optim import native_bf16
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -231,7 +232,8 @@ def sample(eps_fn: EpsFn, sampler: Sampler, shape: Sequence[int], generator: Gen
         shape: ``(B, C, H, W)``.
         generator: seeds the initial noise and every step's noise (see module docstring).
         x_T: start from this noise instead of drawing it.
-        bf16: run ``eps_fn`` under bf16 autocast (the sampler arithmetic stays float32).
+        bf16: run ``eps_fn`` under bf16 autocast where the device runs bf16 natively
+            (:func:`mmsys.optim.native_bf16`; elsewhere float32). The sampler arithmetic stays float32.
         progress: show a tqdm bar.
         return_trajectory: also return ``[x_T, ..., x_0]`` (on the CPU).
         on_step: called after every step as ``on_step(t, x_t, StepOutput)`` (e.g. to record
@@ -243,6 +245,7 @@ def sample(eps_fn: EpsFn, sampler: Sampler, shape: Sequence[int], generator: Gen
     x = randn(shape, generator, device) if x_T is None else x_T.float().clone()
     traj = [x.cpu()] if return_trajectory else None
     name = "DDIM" if isinstance(sampler, DDIMSampler) else "DDPM"
+    bf16 = bf16 and native_bf16(x.device.type)
     for t in tqdm([int(t) for t in sampler.timesteps], desc=name, disable=not progress, leave=False):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
