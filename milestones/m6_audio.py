@@ -110,25 +110,27 @@ def transcribe(model, tok, waves: list[torch.Tensor], impl: Implementation = CAN
     return out
 
 
-def gate_data(model, clip, tok, test, heldout, classifier, impl: Implementation = CANDIDATE) -> AudioGateData:
-    """The embedding gates' inputs for ``model`` (see :class:`AudioGateData`)."""
-    return AudioGateData(embed_audio(model, heldout.waves, impl), classifier,
-                         composition_label(heldout.meta["scenes"]), embed_audio(model, test.waves, impl),
-                         embed_images(clip, test.meta["world"].images))
+def gate_data(model, zs_waves: list[torch.Tensor], zs_labels: torch.Tensor, query_waves: list[torch.Tensor],
+              gallery: torch.Tensor, classifier: torch.Tensor, impl: Implementation = CANDIDATE) -> AudioGateData:
+    """The embedding gates' inputs for ``model`` (see :class:`AudioGateData`): ``gallery`` (Q, E)
+    and ``classifier`` (C, E) come from the frozen CLIP, computed once per run."""
+    return AudioGateData(embed_audio(model, zs_waves, impl), classifier, zs_labels,
+                         embed_audio(model, query_waves, impl), gallery)
 
 
 def validation_data(model, clip, val, classifier, impl: Implementation = CANDIDATE) -> AudioGateData:
     """The embedding gates' inputs on the validation split: retrieval among its own images,
     zero-shot on its single-object utterances (seen compositions: the held-out ones are test's)."""
     single = val.meta["scenes"]["n_objects"] == 1
-    return AudioGateData(embed_audio(model, [w for w, s in zip(val.waves, single) if s], impl), classifier,
-                         composition_label(val.meta["scenes"])[single], embed_audio(model, val.waves, impl),
-                         embed_images(clip, val.meta["world"].images))
+    return gate_data(model, [w for w, s in zip(val.waves, single) if s], composition_label(val.meta["scenes"])[single],
+                     val.waves, embed_images(clip, val.meta["world"].images), classifier, impl)
 
 
-def evaluate(model, clip, tok, test, heldout, classifier, impl: Implementation = CANDIDATE):
-    """-> (gate metrics and more, gate data, test hypotheses)."""
-    d = gate_data(model, clip, tok, test, heldout, classifier, impl)
+def evaluate(model, tok, test, heldout, gallery, classifier, impl: Implementation = CANDIDATE):
+    """-> (gate metrics and more, gate data, test hypotheses); ``gallery`` = the CLIP's
+    embeddings of the test split's images."""
+    d = gate_data(model, heldout.waves, composition_label(heldout.meta["scenes"]), test.waves, gallery, classifier,
+                  impl)
     hyp = transcribe(model, tok, test.waves, impl)
     w = word_error_rate(test.transcripts, hyp)
     metrics = {**embed_gates(d), "wer": w["wer"], "sentence_error_rate": w["sentence_error_rate"],
@@ -272,15 +274,16 @@ def run_quick(ctx: RunContext, recipe: M6Recipe) -> RunResult:
         info["training"] = summary
         ckpt = str(ctx.path("checkpoint.pt"))
     classifier = class_embeddings(clip, tok, composition_names())
+    gallery = embed_images(clip, test.meta["world"].images)  # frozen: shared by the model and its controls
     t1 = time.perf_counter()
-    metrics, d, hyp = evaluate(model, clip, tok, test, heldout, classifier)
+    metrics, d, hyp = evaluate(model, tok, test, heldout, gallery, classifier)
     info["eval_s"] = time.perf_counter() - t1
     ctx.log(f"a2i R@10 {metrics['a2i_R@10']:.3f}, zero-shot top-5 {metrics['zeroshot_top5']:.3f}, "
             f"WER {metrics['wer']:.3f}")
     # controls, with the gates' protocol
     t1 = time.perf_counter()
     fresh = untrained_audio(config, ctx.seed, ctx.device)
-    fm, _, fresh_hyp = evaluate(fresh, clip, tok, test, heldout, classifier)
+    fm, _, fresh_hyp = evaluate(fresh, tok, test, heldout, gallery, classifier)
     train_texts = (train.transcripts if train is not None
                    else spoken_transcripts("train", recipe.n_train, world=WorldConfig(seed=ctx.world_seed)))
     controls = {"untrained model": {k: fm[k] for k in ("a2i_R@10", "zeroshot_top5", "wer")},

@@ -142,8 +142,8 @@ class EMA:
 def native_bf16(device_type: str) -> bool:
     """Whether bf16 autocast is worth it on ``device_type``: on CUDA when the GPU has bf16; on a
     CPU only with native bf16 instructions (AVX-512 BF16 or AMX, as oneDNN reports them).
-    Elsewhere bf16 is emulated: a 3x3 convolution ran 19x slower than in float32 on an AVX2-only
-    AMD EPYC (0.25 s -> 4.5 s), which made m4 and m5 about 20x slower there."""
+    Elsewhere bf16 is emulated: a 3x3 convolution ran 17x slower than in float32 on an AVX2-only
+    AMD EPYC (0.17 s -> 2.9 s, ``python -m benchmarks.bf16_conv``), and m5 trained ~20x slower."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":
