@@ -43,6 +43,7 @@ from grader.candidate_wire import Arena
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 DEFAULT_TIMEOUT = 1800.0  # seconds of silence from the child before a call fails
+STARTUP_TIMEOUT = 300.0  # the floor for the child's start (importing torch and the implementation), under load
 ARENA_BYTES = 128 << 20  # shared memory for tensor bytes, each way (touched pages only)
 # glibc: keep freed tensor memory instead of returning it to the kernel at once (the child's batches
 # arrive as fresh 1.5 MB allocations every step: measured 736 page faults per round trip without,
@@ -166,9 +167,13 @@ class CandidateProcess:
                            on_silence=self._silence, on_eof=self._eof, on_violation=self._violation,
                            arenas=(arenas[1], arenas[0]))
         atexit.register(self.close)
+        # starting (an interpreter importing torch and the implementation) is not a call: under load
+        # it can outlast a short --call-timeout, so it has its own floor
+        self.ep.timeout = max(self.timeout, STARTUP_TIMEOUT)
         try:
             self.hello = self.call_server("hello")
         finally:
+            self.ep.timeout = self.timeout
             for name in arena_names:  # both sides have mapped them: nothing is left behind
                 os.unlink(name)
         return self
@@ -198,7 +203,7 @@ class CandidateProcess:
 
     def _silence(self, what):
         self.kill()
-        return CandidateTimeout(f"the candidate process did not answer within {self.timeout:g} s in {what} "
+        return CandidateTimeout(f"the candidate process did not answer within {self.ep.timeout:g} s in {what} "
                                 f"(killed){self._tail()}")
 
     def _violation(self, what, why):

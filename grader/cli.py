@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "this process (default for now; the report says which)")
     p.add_argument("--call-timeout", type=float, default=None,
                    help="with --isolation process: seconds the candidate may stay silent in one call before the "
-                        "run fails (default 1800)")
+                        "run fails (default 1800; its start, importing torch, may take up to max(this, 300) s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--format", choices=("gradescope",), default=None,
                    help="also write OUT/<milestone>/results.json in Gradescope's autograder format (points per "
