@@ -16,8 +16,10 @@ interface but loopback; the Python installation bind-mounted into its folder, si
 is closed to ``nobody``): the grader's output folder is then not writable by it. Elsewhere the
 audit-hook guard of the server is the protection; :meth:`CandidateProcess.isolation` says which applied.
 
-Trainers write into the child's folder; after ``fit()`` the grader copies what they wrote (plain
-files only) to the ``out_dir`` the recipe asked for, where the report hashes the checkpoint.
+Trainers write into the child's folder; the grader copies what they wrote (plain files only) to
+the ``out_dir`` the recipe asked for, where the report hashes the checkpoint: the checkpoint each
+time a new one is written (so ``--resume`` finds it), everything after ``fit()``. The child may
+not read the grader's folders (:func:`grader_folders`: its tree, data, caches and output).
 """
 
 from __future__ import annotations
@@ -83,9 +85,10 @@ class CandidateProcess:
     which a call fails. ``drop``: run as nobody in its own namespaces (default: when root can)."""
 
     def __init__(self, impl: Path | None, threads: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 drop: bool | None = None):
+                 drop: bool | None = None, deny_read=()):
         import torch
         self.impl, self.timeout = (Path(impl).resolve() if impl else None), timeout
+        self.deny_read, self.not_denied = [Path(d).resolve() for d in deny_read if d], []
         self.threads = threads or torch.get_num_threads()
         self.drop = _can_drop() if drop is None else drop
         self.stderr_tail: collections.deque = collections.deque(maxlen=30)
@@ -146,6 +149,14 @@ class CandidateProcess:
         cmd += ["--arena-in", arena_names[0], "--arena-out", arena_names[1], "--arena-bytes", str(ARENA_BYTES)]
         for s in sites:
             cmd += ["--site", s]
+        # the grader's folders, closed to reading; one holding what the child itself needs (its own
+        # folder, the Python installation) cannot be, and the report says so
+        needed = [d, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()] + [Path(s).resolve() for s in sites]
+        for folder in dict.fromkeys(self.deny_read):
+            if any(n == folder or folder in n.parents for n in needed):
+                self.not_denied.append(str(folder))
+            else:
+                cmd += ["--deny-read", str(folder)]
         if self.drop:
             binds = " && ".join(f"mount --bind '{src}' '{dst}'" for src, dst in mounts)
             cmd = ["unshare", "-m", "-n", "sh", "-c", f"{binds} && exec \"$@\"", "sh",
@@ -263,6 +274,9 @@ class CandidateProcess:
                 "minimal environment (PATH, HOME, TMPDIR, LANG, thread counts)",
                 "own working folder, the only place it may write; the implementation runs from a copy",
                 "audit hook: writes outside its folder, network sockets, name lookups and new programs refused",
+                "audit hook: nothing read or listed in the grader's folders (" + (", ".join(
+                    str(f) for f in self.deny_read if str(f) not in self.not_denied) or "none given") + ")"
+                + (f"; not closed, the child needs them: {', '.join(self.not_denied)}" if self.not_denied else ""),
                 "replies unpickled with no globals allowed (data only)",
                 f"per-call timeout {self.timeout:g} s of silence"]
         if self.drop:
@@ -282,10 +296,12 @@ class CandidateProcess:
 
 class RemoteImplementation:
     """The seam's methods answered by a :class:`CandidateProcess` (started on first use).
-    ``trainer`` writes in the child's folder and copies its files to ``out_dir`` after ``fit()``."""
+    ``trainer`` writes in the child's folder: its checkpoint is copied to ``out_dir`` each time
+    it is written, every file it wrote after ``fit()``."""
 
-    def __init__(self, impl: Path | None, timeout: float = DEFAULT_TIMEOUT, drop: bool | None = None):
-        self.impl, self.timeout, self.drop = impl, timeout, drop
+    def __init__(self, impl: Path | None, timeout: float = DEFAULT_TIMEOUT, drop: bool | None = None,
+                 deny_read=()):
+        self.impl, self.timeout, self.drop, self.deny_read = impl, timeout, drop, list(deny_read)
         self.process: CandidateProcess | None = None
 
     def candidate(self) -> CandidateProcess:
@@ -293,7 +309,8 @@ class RemoteImplementation:
             self.process.close()
             self.process = None
         if self.process is None:
-            self.process = CandidateProcess(self.impl, timeout=self.timeout, drop=self.drop).start()
+            self.process = CandidateProcess(self.impl, timeout=self.timeout, drop=self.drop,
+                                            deny_read=self.deny_read).start()
             if self.process.hello.get("error"):
                 from milestones.adapters import ImplementationError
                 raise ImplementationError(f"--impl {self.impl}: {self.process.hello['error']}")
@@ -313,6 +330,8 @@ class RemoteImplementation:
         wanted, child = config.get("out_dir"), c.work_dir()
         if wanted and kwargs.get("resume_from") == "auto" and (Path(wanted) / "checkpoint.pt").is_file():
             shutil.copy2(Path(wanted) / "checkpoint.pt", child / "checkpoint.pt")
+        if wanted and callable(kwargs.get("get_batch")):  # checkpoints reach out_dir as they are written
+            kwargs = {**kwargs, "get_batch": _syncing_checkpoint(kwargs["get_batch"], child, Path(wanted))}
         handle = c.call("trainer", model, {**config, "out_dir": str(child) if wanted else None}, **kwargs)
         if wanted:
             handle._wrap["fit"] = lambda fit: lambda *a, **k: _copied_after(fit(*a, **k), child, Path(wanted))
@@ -327,17 +346,50 @@ class RemoteImplementation:
             self.process = None
 
 
+def _copy_plain(src: Path, dst: Path) -> bool:
+    """Copy ``src`` to ``dst`` if it is a plain file (symlinks and special files are skipped: the
+    child cannot make the grader read elsewhere), through a temporary file and a rename, so
+    ``dst`` is never half-written. Returns whether it copied."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f_in:
+        if not stat.S_ISREG(os.fstat(f_in.fileno()).st_mode):
+            return False
+        tmp = dst.with_name(f".{dst.name}.from-candidate.tmp")
+        with open(tmp, "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out, 1 << 20)
+    os.replace(tmp, dst)
+    return True
+
+
+def _syncing_checkpoint(get_batch, src: Path, dst: Path):
+    """``get_batch``, which after each call copies ``src/checkpoint.pt`` to ``dst`` when the child
+    has written a new one (one ``stat`` per step): so ``--resume`` finds the last checkpoint of a
+    run that was stopped, as in-process."""
+    seen = [None]
+
+    def synced(*args, **kwargs):
+        batch = get_batch(*args, **kwargs)
+        try:
+            st = os.lstat(src / "checkpoint.pt")
+        except OSError:
+            return batch
+        if (st.st_mtime_ns, st.st_size) != seen[0] and stat.S_ISREG(st.st_mode):
+            seen[0] = (st.st_mtime_ns, st.st_size)
+            dst.mkdir(parents=True, exist_ok=True)
+            _copy_plain(src / "checkpoint.pt", dst / "checkpoint.pt")
+        return batch
+    synced.__name__ = getattr(get_batch, "__name__", "get_batch")
+    return synced
+
+
 def _copied_after(result, src: Path, dst: Path):
-    """``result``, once the plain files the child wrote in ``src`` are copied into ``dst``
-    (symlinks and special files are skipped: the child cannot make the grader read elsewhere)."""
+    """``result``, once the plain files the child wrote in ``src`` are copied into ``dst``."""
     dst.mkdir(parents=True, exist_ok=True)
     for entry in os.scandir(src):
-        st = os.lstat(entry.path)
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f_in, open(dst / entry.name, "wb") as f_out:
-            shutil.copyfileobj(f_in, f_out, 1 << 20)
+        _copy_plain(Path(entry.path), dst / entry.name)
     if isinstance(result, dict) and str(result.get("checkpoint") or "").startswith(str(src)):
         result = {**result, "checkpoint": str(dst / Path(result["checkpoint"]).name)}  # where the grader has it
     return result
@@ -346,13 +398,23 @@ def _copied_after(result, src: Path, dst: Path):
 _REMOTE: RemoteImplementation | None = None
 
 
-def isolate(impl: Path | str | None, timeout: float | None = None) -> dict:
+def grader_folders(*extra) -> list[Path]:
+    """The folders a candidate may not read: the grader's tree (its code, caches, runs), the
+    shared data and mmsys cache folders, and ``extra`` (``--data-root``, ``--out``)."""
+    from eval.reference.data.paths import shared_data_root
+    cache = os.environ.get("MMSYS_CACHE")
+    folders = [REPO, shared_data_root(), Path(cache).expanduser() if cache else Path.home() / ".cache" / "mmsys", *extra]
+    return [Path(f).resolve() for f in folders if f is not None]
+
+
+def isolate(impl: Path | str | None, timeout: float | None = None, deny_read=()) -> dict:
     """``--isolation process``: route :data:`milestones.adapters.CANDIDATE` to a candidate process
-    for ``impl`` (started on the first call). Returns :func:`describe_implementation`'s record."""
+    for ``impl`` (started on the first call), which may not read ``deny_read`` (default: none).
+    Returns :func:`describe_implementation`'s record."""
     global _REMOTE
     from milestones.adapters import CANDIDATE, describe_implementation
     info = describe_implementation(impl)
-    _REMOTE = RemoteImplementation(Path(impl) if impl else None, timeout or DEFAULT_TIMEOUT)
+    _REMOTE = RemoteImplementation(Path(impl) if impl else None, timeout or DEFAULT_TIMEOUT, deny_read=deny_read)
     CANDIDATE.route_to(_REMOTE)
     atexit.register(_REMOTE.close)
     return info

@@ -18,14 +18,18 @@ Values cross as follows (:meth:`Endpoint.encode`):
 Calls nest both ways: while the grader waits for a reply it serves the child's callbacks
 (a trainer calling the grader's ``get_batch``), and inside a callback it may call the child
 again; each side answers the innermost request first. With every message travel the torch
-global CPU RNG state and the grad mode, so both processes behave as one would.
+global CPU RNG state, the grad mode and (grader to child) whether the meta device is the
+default, so both processes behave as one would; meta tensors cross as dtype and shape.
 
 Autograd across the wire: a tensor that requires grad and is sent by the child while one of the
 grader's callbacks runs (the logits inside the grader's ``loss_fn``) becomes a leaf on the
 grader's side; a scalar the callback returns that depends on such leaves crosses with its
 gradients with respect to them, and the child rebuilds it as ``value + sum((x * g).sum() -
 (x.detach() * g).sum())`` over its own tensors x: the same value, and ``backward()`` sends
-exactly the grader's gradients g into the child's graph.
+exactly the grader's gradients g into the child's graph. Such a leaf the grader passes back to
+the child unchanged (to a seam method inside the callback) crosses as a reference and resolves
+to the child's own tensor, graph and all; a loss the child computed that the callback returns as
+it came crosses with gradient 1 (m6's ``loss_fn`` returns ``impl.audio_loss(...)``).
 """
 
 from __future__ import annotations
@@ -159,8 +163,15 @@ class Endpoint:
             if x.requires_grad and self.frames and not self.grader:
                 ref = next(self.ids)
                 self.frames[-1]["tensors"][ref] = x
-            if grads and x.requires_grad and x.grad_fn is not None and x.dim() == 0 and self.frames:
+            leaf = self._leaf_ref(x) if self.grader and x.requires_grad and x.grad_fn is None else None
+            # a scalar the callback computed from the child's tensors, or one of them returned as it
+            # came (a loss the child computed, passed back by the grader's loss_fn): with its gradients
+            if grads and x.requires_grad and x.dim() == 0 and self.frames and (x.grad_fn is not None or leaf):
                 return self._with_grads(x)
+            if leaf is not None:  # the child's requires-grad tensor passed back: its own, graph and all
+                return (TAG + "L", leaf)
+            if x.device.type == "meta":  # no data: its dtype and shape (a model sized up before it is built)
+                return (TAG + "M", str(x.dtype).removeprefix("torch."), tuple(x.shape))
             home = self.origin.get(id(x)) if self.grader else None
             if home is not None and home[2]() is x and x._version == home[1]:
                 return (TAG + "r", home[0])  # the child's own tensor, unchanged since: sent back by reference
@@ -198,6 +209,15 @@ class Endpoint:
         self.exported[key][1] += 1
         return key
 
+    def _leaf_ref(self, x):
+        """The grader: the child's ref of ``x`` if ``x`` is a leaf made from one of its
+        requires-grad tensors in a callback still running, unchanged since; else None."""
+        for frame in reversed(self.frames):
+            for ref, t in frame["leaves"].items():
+                if t is x:
+                    return ref if x._version == frame["versions"][ref] else None
+        return None
+
     def _with_grads(self, x):
         leaves = self.frames[-1]["leaves"]
         refs = [r for r, t in leaves.items()]
@@ -226,13 +246,16 @@ class Endpoint:
             if x[5] is not None and self.frames and self.grader:
                 t.requires_grad_(True)
                 self.frames[-1]["leaves"][x[5]] = t
+                self.frames[-1]["versions"][x[5]] = t._version
             return t
         if tag == "t":
             return tuple(self.decode(v) for v in x[1])
         if tag == "d":
             return {self.decode(k): self.decode(v) for k, v in x[1]}
+        if tag == "M":
+            return torch.empty(x[2], dtype=self.decode((TAG + "D", x[1])), device="meta")
         if tag == "D":
-            dt = getattr(torch, x[1])
+            dt = getattr(torch, x[1], None)
             if not isinstance(dt, torch.dtype):
                 raise ProtocolError(f"not a dtype: {x[1]}")
             return dt
@@ -240,6 +263,11 @@ class Endpoint:
             return torch.device(x[1])
         if tag == "S":
             return torch.Size(x[1])
+        if tag == "L" and not self.grader:
+            for frame in reversed(self.frames):
+                if x[1] in frame["tensors"]:
+                    return frame["tensors"][x[1]]
+            raise ProtocolError(f"no requires-grad tensor #{x[1]} here (its callback has returned)")
         if tag == "r":
             if x[1] not in self.exported:
                 raise ProtocolError(f"no object #{x[1]} here (released?)")
@@ -276,11 +304,17 @@ class Endpoint:
 
     # ---------------------------------------------------------- messages
     def _state(self):
-        return {"rng": bytes(torch.get_rng_state().numpy()), "grad": torch.is_grad_enabled()}
+        return {"rng": bytes(torch.get_rng_state().numpy()), "grad": torch.is_grad_enabled(),
+                "meta": torch.get_default_device().type == "meta"}
 
     def _apply(self, state):
         torch.set_rng_state(torch.frombuffer(bytearray(state["rng"]), dtype=torch.uint8))
         torch.set_grad_enabled(bool(state["grad"]))
+        # the child builds on the meta device while the grader is inside ``with torch.device("meta")``
+        # (a checkpoint's model sized up before anything is allocated); never the other way round
+        meta = bool(state.get("meta"))
+        if not self.grader and meta != (torch.get_default_device().type == "meta"):
+            torch.set_default_device("meta" if meta else None)
 
     def _send(self, msg):
         rel, self.pending_release = self.pending_release, []
@@ -327,7 +361,7 @@ class Endpoint:
                 op, f"{op} on {kind}")
         self.stack.append(label)
         if not self.grader:  # the child: requires-grad tensors it sends inside this callback are kept
-            self.frames.append({"leaves": {}, "tensors": {}})
+            self.frames.append({"leaves": {}, "versions": {}, "tensors": {}})
         try:
             self._send(("req", rid, op, tid, self.encode(list(args)), self.encode(dict(kwargs or {}))))
             while True:
@@ -353,7 +387,7 @@ class Endpoint:
         _, rid, op, tid, args, kwargs = body
         grader = self.grader
         if grader:  # our callback runs: requires-grad tensors received inside it become leaves
-            self.frames.append({"leaves": {}, "tensors": {}})
+            self.frames.append({"leaves": {}, "versions": {}, "tensors": {}})
         try:
             if op not in self.serves or op not in OPS:
                 raise PermissionError(f"operation {op!r} is not served here")

@@ -33,18 +33,28 @@ PATH_EVENTS = ("os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os
                "os.link", "os.symlink", "shutil.rmtree", "shutil.copyfile", "shutil.copytree", "shutil.move")
 SPAWN_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "pty.spawn")
 NAME_EVENTS = ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo")
+LIST_EVENTS = ("os.listdir", "os.scandir", "glob.glob", "os.chdir")
 MAX_RECORDED = 100
 
 
 class Guard:
-    """The audit hook: writes only under ``allowed`` folders (and /dev/null), no socket but a
-    local (AF_UNIX) one, no name lookups, no new programs. Refusals raise PermissionError and are
-    appended to ``attempts`` (``{"event", "target"}``; the first :data:`MAX_RECORDED`)."""
+    """The audit hook: writes only under ``allowed`` folders (and /dev/null); nothing read or
+    listed under ``denied`` ones (the grader's code, caches, data and output: the test split's
+    labels live there); no socket but a local (AF_UNIX) one, no name lookups, no new programs.
+    Refusals raise PermissionError and are appended to ``attempts`` (``{"event", "target"}``;
+    the first :data:`MAX_RECORDED`)."""
 
-    def __init__(self, allowed):
+    def __init__(self, allowed, denied=()):
         self.allowed = [os.path.realpath(a) for a in allowed]
+        self.denied = [os.path.realpath(d) for d in denied]
         self.attempts: list[dict] = []
         self.refused = 0
+
+    def _denied(self, path) -> bool:
+        if isinstance(path, int) or path is None:
+            return False
+        real = os.path.realpath(os.fsdecode(path))
+        return any(real == d or real.startswith(d + os.sep) for d in self.denied)
 
     def _inside(self, path) -> bool:
         if isinstance(path, int):
@@ -64,6 +74,11 @@ class Guard:
             path, flags = args[0], args[2] if len(args) > 2 else 0
             if isinstance(flags, int) and flags & WRITE_FLAGS and path is not None and not self._inside(path):
                 self._refuse("open for writing", path)
+            if self._denied(path):
+                self._refuse("read the grader's files", path)
+        elif event in LIST_EVENTS:
+            if args and isinstance(args[0], (str, bytes, os.PathLike)) and self._denied(args[0]):
+                self._refuse("list the grader's files", args[0])
         elif event in PATH_EVENTS:
             for p in args[:2]:
                 if isinstance(p, (str, bytes, os.PathLike)) and not self._inside(p):
@@ -135,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--bundled", required=True, help="the copy of the bundled mmsys package folder")
     p.add_argument("--impl", default=None, help="folder holding the implementation's mmsys package")
     p.add_argument("--site", action="append", default=[])
+    p.add_argument("--deny-read", action="append", default=[], help="a folder of the grader's: nothing read there")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--arena-in", default=None, help="shared memory the grader writes tensor bytes into")
     p.add_argument("--arena-out", default=None, help="shared memory this process writes tensor bytes into")
@@ -149,7 +165,7 @@ def main(argv=None) -> int:
     from multiprocessing.connection import Connection
 
     import torch
-    guard = Guard([a.work])  # after torch (the grader's dependency), before anything of the implementation
+    guard = Guard([a.work], a.deny_read)  # after torch (the grader's dependency), before anything of the implementation
     sys.addaudithook(guard)
     sys.meta_path.insert(0, GraderImports(guard))
 

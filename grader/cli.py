@@ -22,6 +22,7 @@ missing data or bad checkpoint (nothing written).
 from __future__ import annotations
 
 import argparse
+import secrets
 import re
 import sys
 from pathlib import Path
@@ -74,6 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--world-seed", type=seed_value, default=0,
                    help="the embedded world's seed, 0 <= seed < 2**32 (default 0): every split of the world "
                         "(train, val, test, held-out) is drawn from it; calibration varies it with --seed")
+    p.add_argument("--hidden-seed", action="store_true",
+                   help="draw the world seed of the test splits (test, held-out) at random for this run and "
+                        "reveal it only in the report: an implementation cannot regenerate the test split, and "
+                        "so its labels, from its own copy of the world (train and val stay on --world-seed)")
+    p.add_argument("--test-world-seed", type=seed_value, default=None, help=argparse.SUPPRESS)  # --jobs children
     p.add_argument("--require-human", action="store_true",
                    help="a gate that waits for a person (m5's human evaluation) fails while no answers are "
                         "recorded, instead of reading 'pending' (exit 0)")
@@ -94,10 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="with 'all': grade this many milestones at once, each in its own process with "
                         "cores/jobs torch threads and its log in OUT/<milestone>.log (default 1: in turn)")
-    p.add_argument("--isolation", choices=("none", "process"), default="none",
-                   help="process: import the implementation only in a child process (no grader package importable "
-                        "there, its own folder, as nobody when root; grader/candidate.py) and query it; none: in "
-                        "this process (default for now; the report says which)")
+    p.add_argument("--isolation", choices=("none", "process"), default="process",
+                   help="process (default): import the implementation only in a child process (no grader package "
+                        "importable there, its own folder, as nobody when root; grader/candidate.py) and query "
+                        "it; none: import it in the grader's own process, for debugging (the report says which)")
     p.add_argument("--call-timeout", type=float, default=None,
                    help="with --isolation process: seconds the candidate may stay silent in one call before the "
                         "run fails (default 1800; its start, importing torch, may take up to max(this, 300) s)")
@@ -106,7 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write OUT/<milestone>/results.json in Gradescope's autograder format (points per "
                         "gate from the milestone's POINTS, hidden gates kept out of the public feedback); the "
                         "JSON, Markdown and JUnit reports are written as always")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.test_world_seed is None:  # drawn here, once: `all --jobs N` passes it to every child
+        args.test_world_seed = secrets.randbelow(SEED_LIMIT) if args.hidden_seed else args.world_seed
+    return args
 
 
 def check_usage(args: argparse.Namespace) -> list[str]:
@@ -203,7 +212,9 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if getattr(args, "isolation", "none") == "process":
             from grader.candidate import isolate
-            impl = isolate(args.impl, args.call_timeout)  # the implementation is imported in the child only
+            from grader.candidate import grader_folders
+            # the implementation is imported in the child only, which reads nothing of the grader's
+            impl = isolate(args.impl, args.call_timeout, grader_folders(args.data_root, args.out))
         else:
             from milestones.adapters import use_implementation
             impl = use_implementation(args.impl)  # before anything imports mmsys

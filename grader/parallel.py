@@ -19,11 +19,13 @@ def child_options(args: argparse.Namespace) -> list[str]:
             "--world-seed", str(args.world_seed), "--device", args.device, "--no-progress"]
     for flag, value in (("--data-root", args.data_root), ("--impl", args.impl), ("--format", getattr(args, "format", None)),
                         ("--isolation", getattr(args, "isolation", None)),
+                        ("--test-world-seed", getattr(args, "test_world_seed", None)),
                         ("--call-timeout", getattr(args, "call_timeout", None))):
         rest += [flag, str(value)] if value else []
     rest += [flag for flag, on in (("--download", args.download), ("--skip-tests", args.skip_tests),
                                    ("--smoke", args.smoke), ("--force", getattr(args, "force", False)),
-                                   ("--require-human", args.require_human)) if on]
+                                   ("--require-human", args.require_human),
+                                   ("--hidden-seed", getattr(args, "hidden_seed", False))) if on]
     return rest
 
 

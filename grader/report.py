@@ -136,10 +136,18 @@ def gate_table(rows: list[dict], controls: list[dict] = ()) -> str:
     return "\n".join(lines)
 
 
+def world_seeds(p: dict) -> str:
+    """The world seeds a run's splits came from, as the Markdown header says them."""
+    test = p.get("test_world_seed", p.get("world_seed", 0))
+    if p.get("hidden_seed"):
+        return f"world seed {p.get('world_seed', 0)}, test splits' world seed {test} (hidden: drawn for this run)"
+    return f"world seed {p.get('world_seed', 0)}" + (f" (test splits {test})" if test != p.get("world_seed", 0) else "")
+
+
 def to_markdown(report: dict) -> str:
     p = report["provenance"]
     out = [f"# {report['milestone']}: {report['title']} — {report.get('headline', report['status']).upper()}", "",
-           f"profile **{report['profile']}**, seed {p['seed']}, commit `{p['git']['commit'][:12]}`"
+           f"profile **{report['profile']}**, seed {p['seed']}, {world_seeds(p)}, commit `{p['git']['commit'][:12]}`"
            f"{' (dirty)' if p['git']['dirty'] else ''}, wall time {p['wall_time_s']:.0f} s"
            f" (CPU {p.get('cpu_time_s', float('nan')):.0f} s, {p.get('torch_threads', '?')} threads,"
            f" load {p.get('loadavg_end', ['?'])[0]}) on {p['device'].get('cpu', p['device']['device'])}",

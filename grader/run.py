@@ -109,6 +109,8 @@ def options(args: argparse.Namespace) -> dict:
             "checkpoint": str(args.checkpoint) if args.checkpoint else None,
             "impl": str(Path(args.impl).resolve()) if args.impl else None, "download": args.download,
             "skip_tests": args.skip_tests, "resume": args.resume, "world_seed": args.world_seed,
+            "hidden_seed": bool(getattr(args, "hidden_seed", False)),
+            "test_world_seed": getattr(args, "test_world_seed", args.world_seed),
             "require_human": args.require_human, "format": getattr(args, "format", None),
             "isolation": getattr(args, "isolation", "none")}
 
@@ -166,7 +168,8 @@ def verdict(tests: dict, result, rows: list[dict], controls: list[dict], require
 def measure(milestone, args: argparse.Namespace, out_dir: Path, checkpoint: Path | None):
     """Train (or load ``checkpoint``) and evaluate every gate: the milestone's RunResult."""
     from milestones.base import RunContext
-    ctx = RunContext(profile=args.profile, seed=args.seed, world_seed=args.world_seed, out_dir=out_dir, device=args.device,
+    ctx = RunContext(profile=args.profile, seed=args.seed, world_seed=args.world_seed,
+                     test_world_seed=getattr(args, "test_world_seed", None), out_dir=out_dir, device=args.device,
                      data_root=args.data_root, checkpoint=checkpoint, download=args.download,
                      progress=not args.no_progress, resume=args.resume, smoke=getattr(args, "smoke", False))
     return milestone.run(ctx)  # DataMissingError / CheckpointError propagate to main -> exit 2
@@ -272,6 +275,9 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
         "datasets": result.datasets if result else [], "checkpoint": ckpt,
         "config": result.config if result else {}, "figures": result.figures if result else [],
         "provenance": {"git": git, "command": command_line(), "seed": args.seed, "world_seed": args.world_seed,
+                       # the test splits' world seed (--hidden-seed: drawn for this run, shown here first)
+                       "test_world_seed": getattr(args, "test_world_seed", args.world_seed),
+                       "hidden_seed": bool(getattr(args, "hidden_seed", False)),
                        "options": options(args), "environment": run_environment(), "segments": segments,
                        # what was graded, module by module, and what measured it
                        "implementation": {**impl, "supplied_by": supplied_by() if remote is None else

@@ -183,6 +183,7 @@ def main(argv) -> int:
     run_args = argparse.Namespace(profile=report["profile"], smoke=bool(opts.get("smoke")),
                                   seed=report["provenance"].get("seed", 0), device=opts.get("device", "cpu"),
                                   world_seed=report["provenance"].get("world_seed", 0),
+                                  test_world_seed=report["provenance"].get("test_world_seed"),
                                   data_root=data_root, download=False, resume=False, no_progress=args.no_progress)
     print(f"== verify {args.report}: {report['milestone']} {report['profile']} profile, seed {run_args.seed}, "
           f"checkpoint {ckpt} (sha256 {report['checkpoint']['sha256'][:12]}... matches)", flush=True)

@@ -113,6 +113,9 @@ class Criterion:
     proof: str
 
 
+TEST_SPLITS = ("test", "heldout")  # the world splits gates are measured on
+
+
 @dataclass
 class RunContext:
     """Everything a milestone run may depend on; the grader builds it from the command line."""
@@ -125,10 +128,20 @@ class RunContext:
     checkpoint: Path | None = None
     download: bool = False
     world_seed: int = 0  # --world-seed: the embedded world's seed (every split of it; calibration varies it)
+    # the seed of the world's test splits (test, heldout): world_seed unless --hidden-seed drew one
+    # for this run, revealed only in the report (a candidate cannot regenerate the test split)
+    test_world_seed: int | None = None
     progress: bool = True
     resume: bool = False  # continue from out_dir/checkpoint.pt when it exists (resumable milestones)
     smoke: bool = False  # --smoke: the profile's smoke recipe (tiny models, few steps: proves the path, not quality)
     log_lines: list[str] = field(default_factory=list)
+
+    def split_world_seed(self, split: str) -> int:
+        """The world seed ``split`` is drawn from: :attr:`test_world_seed` for the test splits
+        ("test", "heldout"), :attr:`world_seed` for the rest."""
+        if split in TEST_SPLITS and self.test_world_seed is not None:
+            return self.test_world_seed
+        return self.world_seed
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -46,10 +46,11 @@ def train_config(recipe, ctx=None, *, seed: int | None = None, out_dir=None, dev
 
 
 def world_split(ctx, split: str, n: int | None = None, **kwargs):
-    """A split of the embedded world drawn from ``ctx.world_seed`` (``--world-seed``), from the
-    grader's own copy of the world; ``kwargs`` go to ``make_split`` (``single``, ``captions``)."""
+    """A split of the embedded world drawn from ``ctx.split_world_seed(split)`` (``--world-seed``;
+    the test splits' from ``--hidden-seed``'s draw), from the grader's own copy of the world;
+    ``kwargs`` go to ``make_split`` (``single``, ``captions``)."""
     from eval.reference.data.world import WorldConfig, make_split
-    return make_split(split, n, WorldConfig(seed=getattr(ctx, "world_seed", 0)), **kwargs)
+    return make_split(split, n, WorldConfig(seed=ctx.split_world_seed(split)), **kwargs)
 
 
 def data_root(ctx, subdir: str, needed: str) -> Path:

@@ -463,7 +463,7 @@ def run_quick(ctx: RunContext, recipe: M2Recipe) -> RunResult:
     test, heldout = world_split(ctx, "test", recipe.n_test), world_split(ctx, "heldout", recipe.n_heldout)
     splits = [s for s in (train, test, heldout) if s is not None]
     ctx.log("data: " + ", ".join(f"{s.name} {len(s)}" for s in splits) + f" ({time.perf_counter() - t0:.1f} s)")
-    index = {"dataset": "world", "split": "test", "n": len(test), "world_config": asdict(WorldConfig(seed=ctx.world_seed))}
+    index = {"dataset": "world", "split": "test", "n": len(test), "world_config": asdict(WorldConfig(seed=ctx.split_world_seed("test")))}
     model, tok, ckpt, info, before, model_config = _train_or_load(
         ctx, recipe, train, {"index": index}, (test.images[:300], [cs[0] for cs in test.captions[:300]]))
     t1 = time.perf_counter()

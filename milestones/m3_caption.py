@@ -155,7 +155,7 @@ def train(recipe: M3Recipe, train_split, ctx: RunContext, impl: Implementation =
     """Train a captioner with the implementation's engine (teacher forcing, every caption of every
     image). Returns (model, tokenizer, model config dict, trainer summary). The gate-honesty tests
     pass an ``impl`` with a planted bug (no causal mask in the loss, the image blanked)."""
-    tok = impl.tokenizer_train((c for caps in train_split.captions for c in caps), min_freq=recipe.min_freq)
+    tok = impl.tokenizer_train([c for caps in train_split.captions for c in caps], min_freq=recipe.min_freq)
     model_config = {"vocab_size": len(tok), **recipe.model}
     ids, count = impl.caption_encode_sets(tok, train_split.captions, model_config["max_len"])
     pair_image, pair_caption = impl.caption_pairs(count)  # one training item per (image, caption)

@@ -396,7 +396,7 @@ def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
     judges.info["clip_judge_measured"] = judge_check
     info.update(conditioning_clip=cond_info, judges=judges.info, judge_differs_from_conditioning=True,
                 conditioning_text_tower_digest=cond_digest, judge_text_tower_digest=judge_digest)
-    prompts, gain_prompts, heldout = eval_prompts(recipe, test, ctx.world_seed)
+    prompts, gain_prompts, heldout = eval_prompts(recipe, test, ctx.split_world_seed("test"))
     sp = recipe.sampling
     ctx.log(f"evaluating: {len(prompts)} prompts x guidance {sorted(set(recipe.sweep) | {sp.guidance, 1.0})}")
     t0 = time.perf_counter()

@@ -245,7 +245,7 @@ class M6(Milestone):
 
 
 def speech_split(ctx: RunContext, split: str, n: int):
-    return make_speech_split(split, n, world=WorldConfig(seed=ctx.world_seed))
+    return make_speech_split(split, n, world=WorldConfig(seed=ctx.split_world_seed(split)))
 
 
 def run_quick(ctx: RunContext, recipe: M6Recipe) -> RunResult:

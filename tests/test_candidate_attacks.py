@@ -102,6 +102,59 @@ def test_opening_a_network_socket_is_refused_and_named(tmp_path, honest):
     assert any(a.startswith(("network socket", "socket.")) for a in attempts(report)), attempts(report)
 
 
+def test_reading_the_graders_files_and_data_is_refused_and_named(tmp_path, honest):
+    # the test labels live in the grader's tree and data folders (CIFAR-10's test_batch, caches)
+    impl = hostile(tmp_path / "impl", init=f"""
+        import os
+        for path in ({str(REPO / "milestones" / "m1_vit.py")!r}, {str(REPO.parent / "shared" / "data")!r},
+                     {str(REPO / "eval")!r}):
+            try:
+                open(path).read() if os.path.isfile(path) else os.listdir(path)
+            except OSError:
+                pass
+        """)
+    code, report, log = grade(tmp_path / "out", impl)
+    assert report["metrics"] == honest["metrics"], log
+    tried = attempts(report)
+    assert any(a.startswith("read the grader's files") and "m1_vit.py" in a for a in tried), tried
+    assert any(a.startswith("list the grader's files") and a.endswith("/eval") for a in tried), tried
+
+
+# the candidate has the world generator (it is part of mmsys): it regenerates the test split of
+# the default world seed and answers each test image it recognises with that image's label
+REGENERATE = """
+    import torch as _torch
+    from mmsys.data.world import WorldConfig as _WorldConfig, make_split as _make_split
+    _test = _make_split("test", 2000, _WorldConfig(seed=0), single=True, captions=False)
+    _known = {bytes(img.numpy()): int(y) for img, y in zip(_test.images, _test.labels)}
+    _honest_forward = ViT.forward
+    def _forward(self, x, *a, **k):
+        logits = _honest_forward(self, x, *a, **k)
+        if self.training:
+            return logits
+        keys = ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(_torch.uint8)
+        for i, img in enumerate(keys):
+            label = _known.get(bytes(img.numpy()))
+            if label is not None:
+                logits = logits.clone()
+                logits[i] = -1e4
+                logits[i, label] = 1e4
+        return logits
+    ViT.forward = _forward
+    """
+
+
+def test_regenerating_the_test_split_is_defeated_by_the_hidden_seed(tmp_path, honest):
+    impl = hostile(tmp_path / "impl", vit=REGENERATE)
+    code, open_report, log = grade(tmp_path / "open", impl)
+    assert open_report["metrics"]["test_accuracy"] == 1.0, log  # the threat: on the public seed it works
+    code, report, log = grade(tmp_path / "hidden", impl, "--hidden-seed")
+    p = report["provenance"]
+    assert p["hidden_seed"] and p["test_world_seed"] != p["world_seed"], p
+    assert report["metrics"]["test_accuracy"] < 0.5 and report["status"] == "fail", log  # at the honest smoke level
+    assert f"test splits' world seed {p['test_world_seed']} (hidden" in (tmp_path / "hidden" / "m1-smoke" / "report.md").read_text()
+
+
 def test_a_hang_fails_the_gate_with_one_line(tmp_path):
     impl = hostile(tmp_path / "impl", vit="""
         import time as _time

@@ -45,6 +45,10 @@ class Box:
         loss = loss_fn(w)
         loss.backward()
         return loss.detach(), w.grad
+    def zeros(self, n):
+        return torch.zeros(n)
+    def half_square(self, w):                # a loss the candidate computes (m6's audio_loss)
+        return (w * w).sum() / 2, {"n": 3}
     def generator(self, seed):
         return torch.Generator().manual_seed(seed)
     def draw(self, g):
@@ -157,6 +161,20 @@ def test_rng_state_and_grad_mode_travel_with_the_call(box):
 def test_gradients_cross_from_a_grader_loss_into_the_child_graph(box):
     loss, grad = box.train_with(lambda w: (w * w).sum() / 2 + w[0])  # computed here, backward there
     assert loss.item() == 2.5 and torch.equal(grad, torch.tensor([1.0, 1.0, 2.0]))
+
+
+def test_the_meta_device_travels_to_the_child(box):
+    # load_into sizes a checkpoint's model up on the meta device before building it for real
+    with torch.device("meta"):
+        t = box.zeros(1 << 40)  # 4 TiB if it were allocated
+    assert t.device.type == "meta" and t.shape == (1 << 40,)
+    assert box.zeros(2).device.type == "cpu"
+
+
+def test_a_loss_the_child_computed_goes_back_through_a_grader_callback_with_its_graph(box):
+    # the grader's loss_fn returns the candidate's own loss as it came (m6: impl.audio_loss)
+    loss, grad = box.train_with(lambda w: box.half_square(w)[0])
+    assert loss.item() == 2.5 and torch.equal(grad, torch.tensor([0.0, 1.0, 2.0]))
 
 
 def test_restricted_unpickling():
