@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import config_errors, load_checkpoint, load_into
+from .distributed import gather_no_grad, gather_with_grad, rank, world_size
 from .text import Tokenizer
 from .transformer import Transformer
 from .vit import ViT, ViTConfig, _init
@@ -222,6 +223,8 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tens
         loss = (CE(S, diag) + CE(S^T, diag)) / 2 with S = scale * I T^T, and metrics
         (image->text and text->image in-batch accuracy).
     """
+    if world_size() > 1:
+        return global_clip_loss(image_emb, text_emb, scale, mask)
     logits = scale * similarity(image_emb.float(), text_emb.float())  # (B, B) rows = images
     if mask is not None:
         if mask.diagonal().any():
@@ -236,6 +239,44 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tens
     return (loss_i2t + loss_t2i) / 2, {"acc_i2t": acc_i2t, "acc_t2i": acc_t2i}
 
 
+def global_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """:func:`clip_loss` over the global batch of a process group (open_clip's local-loss
+    scheme): every rank's embeddings are all-gathered with gradients, so each image is contrasted
+    with world_size x B texts and each text with as many images; this rank scores its own B rows
+    in each direction.
+
+    Args:
+        image_emb, text_emb: (B, E) this rank's unit vectors (B equal on every rank).
+        scale: 0-d logit scale.
+        mask: optional (B, B) duplicate mask of this rank's batch; duplicates across ranks are
+            not known here (:func:`global_batch_mask` builds the (B, world_size x B) one).
+    Returns:
+        this rank's loss and metrics. Its mean over ranks is :func:`clip_loss` of the
+        concatenated batch; since each rank's backward also reaches the other ranks' slices, the
+        gradient of a replicated parameter averaged over ranks (what data parallelism does) is
+        that loss's gradient.
+    """
+    r, B = rank(), len(image_emb)
+    img_all, txt_all = gather_with_grad(image_emb.float()), gather_with_grad(text_emb.float())
+    logits_i = scale * similarity(image_emb.float(), txt_all)  # (B, W*B): my images vs every text
+    logits_t = scale * similarity(text_emb.float(), img_all)   # (B, W*B): my texts vs every image
+    labels = r * B + torch.arange(B, device=logits_i.device)
+    if mask is not None:
+        if mask.shape == (B, B):  # this rank's own duplicates, placed in its column block
+            full = torch.zeros(B, len(img_all), dtype=torch.bool, device=mask.device)
+            full[:, r * B:(r + 1) * B] = mask
+            mask = full
+        if mask[torch.arange(B), labels].any():
+            raise ValueError("the duplicate mask must not cover the diagonal (the positives)")
+        logits_i, logits_t = logits_i.masked_fill(mask, float("-inf")), logits_t.masked_fill(mask, float("-inf"))
+    loss = (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+    with torch.no_grad():
+        acc_i2t = (logits_i.argmax(dim=1) == labels).float().mean()
+        acc_t2i = (logits_t.argmax(dim=1) == labels).float().mean()
+    return loss, {"acc_i2t": acc_i2t, "acc_t2i": acc_t2i}
+
+
 # ----------------------------------------------------------------------------- training step
 
 # (image_emb (B, E), text_emb (B, E), scale 0-d, mask (B, B) | None) -> (loss, metrics)
@@ -243,10 +284,17 @@ LossFn = Callable[..., tuple[torch.Tensor, dict]]
 
 
 def batch_mask(batch: dict) -> torch.Tensor | None:
-    """The duplicate mask of a batch dict holding ``image_key`` (and optionally ``text_key``)."""
+    """The duplicate mask of a batch dict holding ``image_key`` (and optionally ``text_key``):
+    (B, B); in a process group, this rank's rows of the global batch's, (B, world_size x B),
+    for :func:`global_clip_loss`."""
     if "image_key" not in batch:
         return None
-    return duplicate_mask(batch["image_key"], batch.get("text_key"))
+    if world_size() == 1:
+        return duplicate_mask(batch["image_key"], batch.get("text_key"))
+    text_key = batch.get("text_key")
+    full = duplicate_mask(gather_no_grad(batch["image_key"]), None if text_key is None else gather_no_grad(text_key))
+    B = len(batch["image_key"])
+    return full[rank() * B:(rank() + 1) * B]
 
 
 def _embed(model: CLIP, mb: dict):

@@ -44,3 +44,50 @@ def cleanup_distributed() -> None:
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of an initialised process group."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# ----------------------------------------------------------------------------- global-batch features
+
+def world_size() -> int:
+    """Processes in the initialised process group (1 when there is none)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 when there is no process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (B, ...) concatenated in rank order -> (world_size * B, ...), with
+    autograd: the backward pass sums, on each rank, the gradients all ranks' losses send to
+    that rank's slice (the all-gather's adjoint, a reduce-scatter). Without a process group it
+    is ``x``. Every rank must pass the same shape."""
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all-gather forward; backward: the gradient of the gathered tensor summed over ranks
+    (all-reduce; gloo has no reduce-scatter), this rank's slice kept."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.n = rank(), len(x)
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """As :func:`gather_with_grad`, without autograd (keys, labels, metrics)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
