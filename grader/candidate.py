@@ -313,7 +313,10 @@ class RemoteImplementation:
                                             deny_read=self.deny_read).start()
             if self.process.hello.get("error"):
                 from milestones.adapters import ImplementationError
-                raise ImplementationError(f"--impl {self.impl}: {self.process.hello['error']}")
+                why = self.process.hello["error"].removeprefix("ImplementationError: ")
+                why = why.replace(str(self.process.dir / "impl"), str(self.impl))  # the user's folder, not the copy
+                self.close()
+                raise ImplementationError(why if why.startswith("--impl ") else f"--impl {self.impl}: {why}")
         return self.process
 
     def module(self, name: str):
@@ -407,16 +410,19 @@ def grader_folders(*extra) -> list[Path]:
     return [Path(f).resolve() for f in folders if f is not None]
 
 
-def isolate(impl: Path | str | None, timeout: float | None = None, deny_read=()) -> dict:
+def isolate(impl: Path | str | None, timeout: float | None = None, deny_read=(), start: bool = False) -> dict:
     """``--isolation process``: route :data:`milestones.adapters.CANDIDATE` to a candidate process
-    for ``impl`` (started on the first call), which may not read ``deny_read`` (default: none).
-    Returns :func:`describe_implementation`'s record."""
+    for ``impl``, which may not read ``deny_read`` (default: none); started now with ``start``
+    (an implementation that cannot be imported is then an ImplementationError before any work),
+    else on the first call. Returns :func:`describe_implementation`'s record."""
     global _REMOTE
     from milestones.adapters import CANDIDATE, describe_implementation
     info = describe_implementation(impl)
     _REMOTE = RemoteImplementation(Path(impl) if impl else None, timeout or DEFAULT_TIMEOUT, deny_read=deny_read)
     CANDIDATE.route_to(_REMOTE)
     atexit.register(_REMOTE.close)
+    if start:
+        _REMOTE.candidate()
     return info
 
 

@@ -214,7 +214,10 @@ def main(argv=None) -> int:
             from grader.candidate import isolate
             from grader.candidate import grader_folders
             # the implementation is imported in the child only, which reads nothing of the grader's
-            impl = isolate(args.impl, args.call_timeout, grader_folders(args.data_root, args.out))
+            # started now (an implementation that cannot be imported: exit 2 before any work), except
+            # where this process grades nothing itself: 'list', and 'all --jobs N' (its children do)
+            grades_here = args.milestone != "list" and not (args.milestone == "all" and args.jobs > 1)
+            impl = isolate(args.impl, args.call_timeout, grader_folders(args.data_root, args.out), start=grades_here)
         else:
             from milestones.adapters import use_implementation
             impl = use_implementation(args.impl)  # before anything imports mmsys
