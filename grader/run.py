@@ -289,8 +289,10 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
                        "libraries": library_versions(),
                        "device": device_info(args.device), "wall_time_s": time.time() - start,
                        # on a shared machine wall time depends on the load: CPU seconds of this
-                       # process (all its threads; shape tests excluded) and the load averages
-                       "cpu_time_s": time.process_time() - cpu_start, "torch_threads": torch.get_num_threads(),
+                       # process and of the candidate process (all their threads; shape tests
+                       # excluded), and the load averages
+                       "cpu_time_s": time.process_time() - cpu_start + isolation.get("child_cpu_s", 0.0),
+                       "cpu_time_grader_s": time.process_time() - cpu_start, "torch_threads": torch.get_num_threads(),
                        "loadavg_end": list(os.getloadavg()),
                        "network": record(args.download),
                        "note": "BLEU and accuracies are fractions in [0, 1] unless a key says otherwise"},
