@@ -12,9 +12,10 @@ from eval.validation import RULE, record
 from grader.report import to_markdown
 from milestones import m2_clip as m2, m3_caption as m3, m4_ddpm as m4, m5_text_to_image as m5
 from milestones.adapters import CANDIDATE as impl
+from milestones.base import RunContext
 from milestones.common import world_split
 
-CTX = SimpleNamespace(world_seed=0)
+CTX = RunContext(world_seed=0)
 
 
 def image_keys(split) -> set[bytes]:
