@@ -379,7 +379,7 @@ def _syncing_checkpoint(get_batch, src: Path, dst: Path):
             st = os.lstat(src / "checkpoint.pt")
         except OSError:
             return batch
-        if (st.st_mtime_ns, st.st_size) != seen[0] and stat.S_ISREG(st.st_mode):
+        if (st.st_mtime_ns, st.st_size) != seen[0]:  # _copy_plain skips anything but a plain file
             seen[0] = (st.st_mtime_ns, st.st_size)
             dst.mkdir(parents=True, exist_ok=True)
             _copy_plain(src / "checkpoint.pt", dst / "checkpoint.pt")
@@ -404,9 +404,8 @@ _REMOTE: RemoteImplementation | None = None
 def grader_folders(*extra) -> list[Path]:
     """The folders a candidate may not read: the grader's tree (its code, caches, runs), the
     shared data and mmsys cache folders, and ``extra`` (``--data-root``, ``--out``)."""
-    from eval.reference.data.paths import shared_data_root
-    cache = os.environ.get("MMSYS_CACHE")
-    folders = [REPO, shared_data_root(), Path(cache).expanduser() if cache else Path.home() / ".cache" / "mmsys", *extra]
+    from eval.reference.data.paths import cache_dir, shared_data_root
+    folders = [REPO, shared_data_root(), cache_dir(), *extra]
     return [Path(f).resolve() for f in folders if f is not None]
 
 

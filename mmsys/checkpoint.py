@@ -341,7 +341,7 @@ def load_into(path, ck: dict, build, *, required_extra: tuple[str, ...] = (), us
         if not _meta_unsupported(e):
             raise
         meta = None  # a build that needs real tensors: sized up after the real build only
-    if isinstance(meta, nn.Module) or callable(getattr(meta, "state_dict", None)):  # or a candidate's, remote
+    if callable(getattr(meta, "state_dict", None)):  # an nn.Module, here or in the candidate process
         expected = _sized_up(path, meta)
         del meta
     if expected is not None and (why := _mismatch(expected, weights)):
