@@ -1,5 +1,6 @@
 """One training engine for every milestone: AdamW, warmup + cosine, bf16 autocast, gradient
-accumulation, clipping, EMA, progress bar, JSONL metrics, atomic checkpoints, exact resume, DDP.
+accumulation, clipping, EMA, progress bar, JSONL metrics, atomic checkpoints, exact resume, and
+data parallelism on torch's own engine (DistributedDataParallel, or FSDP2 ``fully_shard``).
 
 Determinism is a property of the engine. Everything random in step ``s`` is a pure function of
 ``(cfg.seed, s, rank)``:
@@ -10,7 +11,10 @@ Determinism is a property of the engine. Everything random in step ``s`` is a pu
   timesteps drawn inside ``loss_fn``).
 
 So a run killed after a checkpoint and resumed ends with bit-identical weights (on CPU), and
-DDP ranks see disjoint contiguous slices of the same global batch.
+ranks read disjoint contiguous slices of the same global batch (each rank's shard of the
+split: a distributed sampler over :func:`batch_indices`, deterministic per seed and world
+size). The global batch does not depend on the world size, so a checkpoint resumes on any
+number of processes.
 
 Usage::
 
@@ -23,6 +27,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -40,6 +45,7 @@ from .batching import batch_len, get_rng_state, mix_seed, set_rng_state, to_devi
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from .distributed import init_distributed
 from .divergence import TrainingDiverged, check_weights, diagnose, kept_note, step_is_finite
+from .parallel import full_state, is_sharded, load_full_state, no_sync, unsharded_copy, wrap
 from .optim import EMA, Autocast, build_optimizer, build_scheduler, clip_grads, global_grad_norm, lr_factor
 from .tempfiles import remove_stale_temps
 
@@ -47,6 +53,9 @@ from .tempfiles import remove_stale_temps
 from .batching import batch_indices, rank_slice, seed_everything, split_batch  # noqa: E402,F401
 from .distributed import DistInfo, cleanup_distributed, is_main_process  # noqa: E402,F401
 from .optim import lr_at, lr_factor, param_groups  # noqa: E402,F401
+
+
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -76,11 +85,17 @@ class TrainConfig:
     progress: bool = True
     channels_last: bool = False
     max_seconds: float | None = None
+    # under torchrun: "ddp" (DistributedDataParallel, every rank holds the whole model) or "fsdp"
+    # (FSDP2 fully_shard: parameters, gradients and optimizer state sharded over ranks, for a
+    # model that does not fit one device); ignored in a single process
+    parallel: str = "ddp"
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
         self.restarts = tuple((int(s), float(p)) for s, p in self.restarts)
         starts = [s for s, _ in self.restarts]
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"TrainConfig.parallel={self.parallel!r}: choose one of {', '.join(PARALLEL)}")
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1 or self.log_every < 1:
             raise ValueError(f"invalid TrainConfig: {self}")
         if starts != sorted(set(starts)) or any(not 0 < s < self.steps for s in starts) \
@@ -122,10 +137,16 @@ class Trainer:
         resume_from: a checkpoint to restore before training (see :meth:`resume`), or
             ``"auto"``: ``out_dir/checkpoint.pt`` if it exists, else start fresh.
 
-    Distributed: under torchrun the process group is joined, parameters are broadcast from
-    rank 0, each rank runs its contiguous slice of the global batch, and gradients are averaged
-    by an explicit all-reduce after backward (DDP semantics; it also holds when ``loss_fn``
-    calls sub-modules or ``step_fn`` runs its own backward). Only rank 0 logs and saves.
+    Distributed: under torchrun the process group is joined and each rank reads its contiguous
+    slice of the global batch. With ``cfg.parallel == "ddp"`` the model is wrapped in
+    DistributedDataParallel (parameters broadcast from rank 0) and ``loss_fn`` runs as the
+    wrapper's forward (:class:`mmsys.parallel.Replica`), so gradients are averaged in buckets
+    during backward, once per step (``no_sync`` on the other micro-batches). A ``step_fn``
+    (GradCache: several backward passes per step, some outside any forward) runs on the
+    unwrapped model and its gradients are averaged by one flat all-reduce after it. With
+    ``"fsdp"`` the model is sharded with FSDP2 ``fully_shard`` (no EMA, no ``step_fn``);
+    checkpoints hold the gathered full state, so any run resumes on any number of processes.
+    Only rank 0 logs and writes.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, loss_fn: LossFn | None = None,
@@ -148,10 +169,17 @@ class Trainer:
         self.model = model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.wrapped, self._skeleton, self._plain = None, None, None  # the DDP/FSDP module; see eval_model
         if w > 1:
-            with torch.no_grad():
-                for t in self.model.state_dict().values():
-                    dist.broadcast(t, 0)
+            if cfg.parallel == "fsdp":
+                if cfg.ema_decay or step_fn is not None:
+                    raise ValueError("parallel='fsdp' runs every forward pass of a step in one loss_fn and keeps "
+                                     "no EMA copy: give loss_fn and ema_decay=None, or use parallel='ddp'")
+                with torch.no_grad():  # fully_shard keeps each rank's own values: start from rank 0's
+                    for t in self.model.state_dict().values():
+                        dist.broadcast(t, 0)
+                self._skeleton = copy.deepcopy(self.model)
+            self.wrapped = wrap(self.model, cfg.parallel, self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
@@ -174,9 +202,14 @@ class Trainer:
     # -- checkpoints
 
     def state_dict(self) -> dict:
-        """The checkpoint payload (see :mod:`mmsys.checkpoint`)."""
-        return {"kind": self.kind, "step": self.step, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        """The checkpoint payload (see :mod:`mmsys.checkpoint`). Under FSDP a collective (every
+        rank calls it): the full state is gathered from the shards."""
+        if is_sharded(self.wrapped):
+            model_state, optim_state = full_state(self.wrapped, self.optimizer)
+        else:
+            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        return {"kind": self.kind, "step": self.step, "model": model_state,
+                "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "rng": get_rng_state(),
                 "config": asdict(self.cfg), "model_config": self.model_config, "extra": self.extra,
                 "time": self.time_total()}
@@ -189,11 +222,15 @@ class Trainer:
                 "segments": self.time_before["segments"] + (self._clock is not None)}
 
     def save(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Atomically write a checkpoint (rank 0 only) to ``path`` or ``out_dir/checkpoint.pt``."""
+        """Atomically write a checkpoint (rank 0 only) to ``path`` or ``out_dir/checkpoint.pt``.
+        Under FSDP every rank must call it (the state is gathered)."""
         path = Path(path) if path else self.ckpt_path
-        if path is None or not is_main_process():
+        if path is None or not (is_main_process() or is_sharded(self.wrapped)):
             return None
-        save_checkpoint(path, self.state_dict())
+        state = self.state_dict()
+        if not is_main_process():
+            return None
+        save_checkpoint(path, state)
         return path
 
     def resume(self, path: str | os.PathLike) -> None:
@@ -212,8 +249,11 @@ class Trainer:
         if self.ema is not None and not ck.get("ema"):
             raise CheckpointError(f"checkpoint {path} has no EMA state but ema_decay is set: "
                                   f"resume with the same ema_decay or start a new out_dir")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        if is_sharded(self.wrapped):
+            load_full_state(self.wrapped, self.optimizer, ck["model"], ck["optimizer"])
+        else:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         # the stored lr is the checkpoint's schedule at its step; this recipe's decides (they agree
         # on every step already trained, and when the recipe only extends the schedule, may differ here)
@@ -257,7 +297,12 @@ class Trainer:
                                   f"restart) or start a new out_dir")
 
     def eval_model(self) -> nn.Module:
-        """The model to evaluate: the EMA copy when EMA is on, else the trained model."""
+        """The model to evaluate: the EMA copy when EMA is on, else the trained model. Under FSDP
+        a plain copy holding the gathered weights (a collective the first time after training)."""
+        if is_sharded(self.wrapped):
+            if self._plain is None or self._plain[0] != self.step:
+                self._plain = (self.step, unsharded_copy(self._skeleton, full_state(self.wrapped, self.optimizer)[0]))
+            return self._plain[1]
         return self.ema.module if self.ema is not None else self.model
 
     # -- one step
@@ -273,20 +318,24 @@ class Trainer:
             metrics = dict(self.step_fn(self.model, batch, cfg.grad_accum, self.autocast))
             if "loss" not in metrics:
                 raise KeyError("step_fn must return a metrics dict with a 'loss' entry")
+            if d.world_size > 1:
+                self._allreduce_grads()
         else:
             metrics, n = {}, len(idx)
-            for mb in split_batch(batch, cfg.grad_accum):
+            micro = split_batch(batch, cfg.grad_accum)
+            for j, mb in enumerate(micro):
                 wgt = batch_len(mb) / n
-                with self.autocast():
-                    loss, m = self.loss_fn(self.model, mb)
-                (loss * wgt).backward()
+                with no_sync(self.wrapped, skip=j < len(micro) - 1):  # ranks exchange gradients once
+                    with self.autocast():
+                        loss, m = self._loss(mb)
+                    (loss * wgt).backward()
                 for k, v in {"loss": loss, **m}.items():
                     v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
                     metrics[k] = metrics.get(k, 0.0) + v * wgt
-        if d.world_size > 1:
-            self._allreduce_grads()
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = global_grad_norm(params).to(self.device)
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm of sharded gradients, reduced over ranks
+            norm = norm.full_tensor()
         if not step_is_finite(metrics["loss"], norm, d.world_size):  # before the update, every step
             raise diagnose(step + 1, metrics["loss"], norm, self.model, self.optimizer, batch, cfg, self.ckpt_path)
         if cfg.grad_clip is not None:
@@ -301,14 +350,21 @@ class Trainer:
             self.ema.update(self.model)
         return metrics
 
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict]:
+        """``loss_fn(model, batch)``, through the DDP/FSDP wrapper when there is one."""
+        if self.wrapped is not None:
+            return self.wrapped(self.loss_fn, batch)
+        return self.loss_fn(self.model, batch)
+
     def _save_finite(self) -> Path | None:
         """:meth:`save`, unless a weight is not finite (then TrainingDiverged: nothing is saved)."""
         check_weights(self.step, self.model, self.ckpt_path)
         return self.save()
 
     def _allreduce_grads(self) -> None:
-        """Average gradients over ranks, one flat all-reduce per dtype; a parameter without a
-        gradient on some rank contributes zeros (so every rank steps the same parameters)."""
+        """After a ``step_fn``: average gradients over ranks, one flat all-reduce per dtype; a
+        parameter without a gradient on some rank contributes zeros (so every rank steps the
+        same parameters)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:
