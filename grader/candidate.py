@@ -40,6 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from grader.candidate_protocol import Endpoint
+from grader.ranks import NETNS_VAR, candidate_env
 from grader.candidate_wire import Arena
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ class CandidateProcess:
                 cmd += ["--deny-read", str(folder)]
         if self.drop:
             binds = " && ".join(f"mount --bind '{src}' '{dst}'" for src, dst in mounts)
-            cmd = ["unshare", "-m", "-n", "sh", "-c", f"{binds} && exec \"$@\"", "sh",
+            cmd = [*self._network_namespace(), "sh", "-c", f"{binds} && exec \"$@\"", "sh",
                    "setpriv", f"--reuid={UNPRIVILEGED[0]}", f"--regid={UNPRIVILEGED[1]}", "--clear-groups",
                    "--no-new-privs", *cmd]
         threads = str(self.threads)
@@ -169,6 +170,7 @@ class CandidateProcess:
             env["LD_LIBRARY_PATH"] = str(d / "py0" / "lib")
         if "CUDA_VISIBLE_DEVICES" in os.environ:
             env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        env.update(candidate_env())  # --nproc: this rank's RANK, WORLD_SIZE, MASTER_ADDR ... (grader/ranks.py)
         self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, pass_fds=(r_child, w_child), start_new_session=True)
         os.close(r_child)
@@ -188,6 +190,16 @@ class CandidateProcess:
             for name in arena_names:  # both sides have mapped them: nothing is left behind
                 os.unlink(name)
         return self
+
+    @staticmethod
+    def _network_namespace() -> list[str]:
+        """The command prefix giving the child its own mount namespace and a network namespace:
+        a new one (only loopback, down), or under ``--nproc`` the one the ranks' candidates share
+        (its loopback up: they meet there), or, where no shared one could be made, the host's."""
+        if not candidate_env():
+            return ["unshare", "-m", "-n"]
+        shared = os.environ.get(NETNS_VAR)
+        return ["nsenter", f"--net={shared}", "unshare", "-m"] if shared else ["unshare", "-m"]
 
     @staticmethod
     def _translate(path: str, mounts) -> str:
@@ -265,13 +277,23 @@ class CandidateProcess:
             shutil.chown(path, *UNPRIVILEGED)
         return path
 
+    def _network_note(self) -> str:
+        if not candidate_env():
+            return "own network namespace (unshare -n): no interface but loopback"
+        if os.environ.get(NETNS_VAR):
+            return ("a network namespace shared by the --nproc ranks' candidates only: loopback, where they meet "
+                    "(no other interface)")
+        return ("--nproc: the host's network namespace (no shared one could be made), so the ranks can meet on "
+                "its loopback; the audit hook still refuses Python network sockets")
+
     def isolation(self) -> dict:
         """What the report's ``provenance.isolation`` says: mode, user, protections applied and
         what the guard refused."""
         prot = ["separate process: the implementation is imported only there",
                 "python -I -S -B: no PYTHONPATH, user site or .pth files; the grader's packages not importable "
                 f"(checked: {self.hello.get('importable')})",
-                "minimal environment (PATH, HOME, TMPDIR, LANG, thread counts)",
+                "minimal environment (PATH, HOME, TMPDIR, LANG, thread counts; under --nproc the rank's "
+                "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)",
                 "own working folder, the only place it may write; the implementation runs from a copy",
                 "audit hook: writes outside its folder, network sockets, name lookups and new programs refused",
                 "audit hook: nothing read or listed in the grader's folders (" + (", ".join(
@@ -282,7 +304,7 @@ class CandidateProcess:
         if self.drop:
             prot += [f"runs as {UNPRIVILEGED[0]}:{UNPRIVILEGED[1]} (setpriv --clear-groups --no-new-privs): the "
                      f"grader's files and output folder are not writable by it",
-                     "own network namespace (unshare -n): no interface but loopback"]
+                     self._network_note()]
         else:
             prot.append("not root (or no setpriv/unshare): runs as the grader's own user; the audit hook is the "
                         "only barrier to writing the grader's files")

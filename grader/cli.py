@@ -22,6 +22,7 @@ missing data or bad checkpoint (nothing written).
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import re
 import sys
@@ -100,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="with 'all': grade this many milestones at once, each in its own process with "
                         "cores/jobs torch threads and its log in OUT/<milestone>.log (default 1: in turn)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train on this many processes (ranks) at once: the grader starts one copy of itself per "
+                        "rank, the engine splits each global batch across them (DistributedDataParallel); rank 0 "
+                        "writes the report (grader/ranks.py). Default 1")
     p.add_argument("--isolation", choices=("none", "process"), default="process",
                    help="process (default): import the implementation only in a child process (no grader package "
                         "importable there, its own folder, as nobody when root; grader/candidate.py) and query "
@@ -153,6 +158,13 @@ def check_usage(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--smoke: {', '.join(no_smoke)} has no smoke recipe for the {args.profile} profile; drop --smoke")
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: give a number of processes >= 1")
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: give a number of processes >= 1")
+    if args.nproc > 1 and len(ids) > 1:
+        raise UsageError(f"--nproc spreads one milestone's training over processes: name one milestone "
+                         f"(grade several at once with 'all --jobs N')")
+    if args.nproc > 1 and args.checkpoint:
+        raise UsageError("--nproc spreads training; --checkpoint evaluates without training: drop --nproc")
     check_device(args.device)
     if args.checkpoint is not None:
         check_checkpoint(args.checkpoint, load(ids[0]))
@@ -210,13 +222,18 @@ def main(argv=None) -> int:
             from grader.regrade import main as regrade_main
             return regrade_main(argv[1:])
         args = parse_args(argv)
+        launching = args.nproc > 1 and "RANK" not in os.environ  # --nproc: this process starts the ranks
+        if "RANK" in os.environ and getattr(args, "isolation", "none") == "process":
+            from grader.ranks import take_rank_env
+            take_rank_env()  # a rank (grader/ranks.py): its candidate process trains, on the rank's variables
         if getattr(args, "isolation", "none") == "process":
             from grader.candidate import isolate
             from grader.candidate import grader_folders
             # the implementation is imported in the child only, which reads nothing of the grader's
             # started now (an implementation that cannot be imported: exit 2 before any work), except
-            # where this process grades nothing itself: 'list', and 'all --jobs N' (its children do)
-            grades_here = args.milestone != "list" and not (args.milestone == "all" and args.jobs > 1)
+            # where this process grades nothing itself: 'list', 'all --jobs N' and '--nproc N' (its children do)
+            grades_here = args.milestone != "list" and not (args.milestone == "all" and args.jobs > 1) \
+                and not launching
             impl = isolate(args.impl, args.call_timeout, grader_folders(args.data_root, args.out), start=grades_here)
         else:
             from milestones.adapters import use_implementation
@@ -233,6 +250,9 @@ def main(argv=None) -> int:
         ids = check_usage(args)
         from grader.outdir import prepare
         prepare(out_folders(ids, args), args.force, args.checkpoint)  # --force: earlier runs moved aside
+        if launching:
+            from grader.ranks import launch
+            return launch(ids[0], args)
         if args.jobs > 1 and len(ids) > 1:
             from grader.parallel import grade_in_parallel
             codes = grade_in_parallel(ids, args)

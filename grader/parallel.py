@@ -24,6 +24,7 @@ def child_options(args: argparse.Namespace) -> list[str]:
         rest += [flag, str(value)] if value else []
     rest += [flag for flag, on in (("--download", args.download), ("--skip-tests", args.skip_tests),
                                    ("--smoke", args.smoke), ("--force", getattr(args, "force", False)),
+                                   ("--resume", getattr(args, "resume", False)),
                                    ("--require-human", args.require_human),
                                    ("--hidden-seed", getattr(args, "hidden_seed", False))) if on]
     return rest

@@ -149,7 +149,8 @@ def to_markdown(report: dict) -> str:
     out = [f"# {report['milestone']}: {report['title']} — {report.get('headline', report['status']).upper()}", "",
            f"profile **{report['profile']}**, seed {p['seed']}, {world_seeds(p)}, commit `{p['git']['commit'][:12]}`"
            f"{' (dirty)' if p['git']['dirty'] else ''}, wall time {p['wall_time_s']:.0f} s"
-           f" (CPU {p.get('cpu_time_s', float('nan')):.0f} s, {p.get('torch_threads', '?')} threads,"
+           f" (CPU {p.get('cpu_time_s', float('nan')):.0f} s, {p.get('torch_threads', '?')} threads"
+           f"{f' per rank, {ranks} ranks' if (ranks := p.get('nproc', 1)) > 1 else ''},"
            f" load {p.get('loadavg_end', ['?'])[0]}) on {p['device'].get('cpu', p['device']['device'])}",
            "", f"`{p['command']}`", ""]
     if report.get("error"):
@@ -296,4 +297,6 @@ def write_report(report: dict, out_dir: Path) -> dict[str, str]:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.executable).name] + [escape(a) for a in sys.argv])
+    """This run's command as the user typed it (a ``--nproc`` rank: the command that started it)."""
+    from grader.ranks import COMMAND_VAR
+    return os.environ.get(COMMAND_VAR) or " ".join([Path(sys.executable).name] + [escape(a) for a in sys.argv])

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from grader import EXIT_FAIL, EXIT_PASS, REPO
+from grader.ranks import RANK_VARS, world_size
 
 
 def run_shape_tests(milestone, out_dir: Path, skip: bool, impl: dict) -> dict:
@@ -32,6 +33,8 @@ def run_shape_tests(milestone, out_dir: Path, skip: bool, impl: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     env = child_env(env)  # the offline guard holds in the pytest child and whatever it starts
     env.pop("MMSYS_IMPL", None)
+    for k in RANK_VARS:  # a --nproc rank's tests run single-process
+        env.pop(k, None)
     if not impl["bundled"]:
         env["MMSYS_IMPL"] = str(Path(impl["path"]).parent)
     print(f"== {milestone.id}: shape tests against {impl['path']}: {' '.join(cmd[1:])}", flush=True)
@@ -278,6 +281,8 @@ def _grade_into(mid: str, args: argparse.Namespace, impl: dict, out_dir: Path) -
                        # the test splits' world seed (--hidden-seed: drawn for this run, shown here first)
                        "test_world_seed": getattr(args, "test_world_seed", args.world_seed),
                        "hidden_seed": bool(getattr(args, "hidden_seed", False)),
+                       # --nproc: training spread over this many ranks (grader/ranks.py); this is rank 0's report
+                       "nproc": world_size(),
                        "options": options(args), "environment": run_environment(), "segments": segments,
                        # what was graded, module by module, and what measured it
                        "implementation": {**impl, "supplied_by": supplied_by() if remote is None else

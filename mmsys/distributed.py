@@ -91,3 +91,23 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+# ----------------------------------------------------------------------------- sharded evaluation
+
+def shard(n_items: int) -> slice:
+    """This rank's contiguous share of ``n_items`` evaluation items (ceil(n / world) each, the
+    last rank's shorter or empty); :func:`gather_shards` puts the pieces back together."""
+    per = -(-n_items // world_size())
+    return slice(min(rank() * per, n_items), min((rank() + 1) * per, n_items))
+
+
+def gather_shards(x: torch.Tensor, n_items: int) -> torch.Tensor:
+    """Every rank's :func:`shard` of a per-item result, ``x`` (this rank's items, ...), back in
+    item order -> (n_items, ...) on every rank (padded to equal sizes for the all-gather)."""
+    if world_size() == 1:
+        return x
+    per = -(-n_items // world_size())
+    padded = torch.zeros((per, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    return gather_no_grad(padded)[:n_items]

@@ -24,14 +24,14 @@ from milestones.common import world_split
 from mmsys.distributed import cleanup_distributed, rank
 
 
-def train(milestone: str, out: Path | None) -> dict:
-    """The trained model's state dict."""
-    ctx = RunContext(out_dir=out or Path("unused"), progress=False)
+def train(milestone: str, out: Path) -> dict:
+    """The trained model's state dict (the run's checkpoint and log in ``out``)."""
+    ctx = RunContext(out_dir=out, progress=False)
     if milestone == "m1":
         recipe = replace(m1_vit.SMOKE_RECIPES["quick"], n_train=64, steps=4, batch_size=16, warmup_steps=1,
                          pad=0, flip=False, control_steps=0)
         split = world_split(ctx, "train", recipe.n_train, single=True, captions=False)
-        model, _ = m1_vit.train(recipe, split, replace(ctx, out_dir=out) if out else ctx)
+        model, _ = m1_vit.train(recipe, split, ctx)
     else:
         recipe = replace(m2_clip.SMOKE_RECIPES["quick"], n_train=64, steps=4, batch_size=16, grad_accum=2,
                          warmup_steps=1, model=dict(m2_clip.RECIPES["quick"].model, vision_depth=1, text_depth=1))

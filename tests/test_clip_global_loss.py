@@ -76,3 +76,39 @@ def test_global_loss_equals_the_concatenated_batch_gradients_included(masked):
     torch.testing.assert_close(torch.cat([x[2] for x in got]) / W, g_img)
     torch.testing.assert_close(torch.cat([x[3] for x in got]) / W, g_txt)
     torch.testing.assert_close(sum(x[4] for x in got) / W, g_scale)
+
+
+# ----------------------------------------------------------------------------- sharded evaluation
+N_EVAL = 7  # not a multiple of the world size: the last rank's shard is shorter
+
+
+def shard_worker(r: int, port: int, out):
+    from mmsys.distributed import gather_shards, shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=r, world_size=W)
+    try:
+        items = torch.arange(N_EVAL * 3, dtype=torch.float32).view(N_EVAL, 3)
+        mine = shard(N_EVAL)
+        out.put((r, mine.start, mine.stop, gather_shards(items[mine] * 2, N_EVAL).numpy().copy()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_evaluation_shards_gather_back_in_item_order():
+    """Each rank embeds its shard of the evaluation set; every rank gets the whole result back."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=shard_worker, args=(r, port, q)) for r in range(W)]
+    for p in procs:
+        p.start()
+    got = sorted((q.get(timeout=120) for _ in range(W)), key=lambda x: x[0])
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [(x[1], x[2]) for x in got] == [(0, 4), (4, 7)]
+    want = torch.arange(N_EVAL * 3, dtype=torch.float32).view(N_EVAL, 3) * 2
+    for x in got:
+        torch.testing.assert_close(torch.from_numpy(x[3]), want)

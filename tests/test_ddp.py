@@ -135,7 +135,7 @@ def test_milestone_training_on_two_ranks_matches_one_process(milestone, tmp_path
     from ddp_milestone_worker import train
     finished(torchrun(tmp_path, repo_env, milestone, worker="ddp_milestone_worker.py"))
     r0, r1 = ranks(tmp_path)
-    want = train(milestone, None)
+    want = train(milestone, tmp_path / "one-process")
     assert r0.keys() == want.keys()
     for k, v in want.items():
         assert torch.equal(r0[k], r1[k]), k
