@@ -12,6 +12,7 @@ MODULES = {
     "m4": "milestones.m4_ddpm",
     "m5": "milestones.m5_text_to_image",
     "m6": "milestones.m6_audio",
+    "m7": "milestones.m7_ssl",
 }
 
 

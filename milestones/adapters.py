@@ -160,7 +160,7 @@ class Implementation:
         return importlib.import_module(f"{self.package}.{name}")
 
     # ---------------------------------------------------------------- engine (every milestone)
-    @capability("m1", "m2", "m3", "m4", "m5", "m6")
+    @capability("m1", "m2", "m3", "m4", "m5", "m6", "m7")
     def trainer(self, model, config: dict, **kwargs):
         """The training engine: ``train.Trainer(model, train.TrainConfig(**config), **kwargs)``.
 
@@ -783,6 +783,64 @@ class Implementation:
         patches) attention mass; row k belongs to token ``ids[:, k + 1]``."""
         return model.cross_attention(waves, lengths, ids)
     # ---------------------------------------------------------------- end of m6
+
+    # ================================================================ m7: self-supervised representations
+    @capability("m7")
+    def ssl_build(self, config: dict):
+        """A self-supervised model from its config dict (``ssl.SSLConfig`` fields: method
+        "simclr" | "moco", encoder "vit" | "resnet18" | "resnet50", image_size, the ViT's
+        patch_size, dim, depth, n_heads, mlp_ratio, proj_hidden, proj_dim, temperature,
+        queue_size, momentum). Returns an nn.Module."""
+        ssl = self.module("ssl")
+        return ssl.SSLModel(ssl.SSLConfig(**config))
+
+    @capability("m7")
+    def ssl_views(self, images, generator, views: dict):
+        """Two random views of each image: uint8 (B, 3, H, W) -> float (B, 2, 3, H, W) in [-1, 1],
+        drawn from ``generator`` (a torch.Generator, or an int: a fresh one seeded with it);
+        ``views`` holds ``views.ViewConfig`` fields (crop scale and ratio, flip, colour jitter
+        probability and strengths, grayscale, blur)."""
+        v = self.module("views")
+        if isinstance(generator, int):
+            import torch
+            generator = torch.Generator().manual_seed(generator)
+        pair = v.two_views(images, generator, v.ViewConfig(**views))  # (2B, ...): rows i, B + i
+        return pair.view(2, len(images), *pair.shape[1:]).transpose(0, 1)
+
+    @capability("m7")
+    def ssl_loss(self, model, views):
+        """The method's contrastive loss on a batch of view pairs (B, 2, 3, H, W) -> (0-d loss,
+        metrics dict with "pos_acc": the share of views whose positive scores highest). SimCLR:
+        NT-Xent over the 2B views; MoCo v2: InfoNCE against the momentum keys and the queue
+        (which it then updates)."""
+        return model.loss(views.transpose(0, 1).reshape(-1, *views.shape[2:]))
+
+    @capability("m7")
+    def ssl_features(self, model, images):
+        """images (B, 3, H, W) float in [-1, 1] -> the representation (B, D) a probe reads: the
+        encoder's output, before the projection head. Each image's features depend on that
+        image only (the model in eval mode)."""
+        return model.features(images)
+
+    @capability("m7")
+    def ssl_nt_xent(self, z, temperature: float):
+        """NT-Xent (SimCLR eq. 1): projections z (2N, D), rows i and N + i positives -> (0-d loss:
+        mean over the 2N anchors of the cross-entropy of the positive among the other 2N - 1
+        views at cosine / temperature, metrics dict)."""
+        return self.module("ssl").nt_xent(z, temperature)
+
+    @capability("m7")
+    def ssl_momentum_update(self, model):
+        """MoCo: move the key encoder and head towards the query ones (theta_k <- m theta_k +
+        (1 - m) theta_q)."""
+        model.momentum_update()
+
+    @capability("m7")
+    def ssl_queue(self, model):
+        """MoCo: the queue of negative keys (K, proj_dim) and the index the next key is written
+        to (0-d long): views into the model's buffers."""
+        return model.queue, model.queue_ptr
+    # ---------------------------------------------------------------- end of m7
 
 
 
