@@ -173,7 +173,7 @@ def test_bad_checkpoint_is_refused_before_any_work(case, tmp_path):
 
 def test_every_milestone_names_its_checkpoint_kind():
     from milestones import available, load
-    expected = {"m1": "vit", "m2": "clip", "m3": "captioner", "m4": "ddpm", "m5": "t2i", "m6": "audio"}
+    expected = {"m1": "vit", "m2": "clip", "m3": "captioner", "m4": "ddpm", "m5": "t2i", "m6": "audio", "m7": "ssl"}
     assert {mid: load(mid).checkpoint_kind for mid in available()} == {mid: expected[mid] for mid in available()}
 
 
