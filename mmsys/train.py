@@ -402,10 +402,13 @@ class Trainer:
                     pass
         path.write_text("".join(kept))
 
-    def fit(self) -> dict:
+    def fit(self, until: int | None = None) -> dict:
         """Train from ``self.step`` to ``cfg.steps`` (or until ``max_seconds``); return a summary
-        ``{kind, steps, start_step, wall_s, items_per_s, final_metrics, stopped_early, ...}``."""
+        ``{kind, steps, start_step, wall_s, items_per_s, final_metrics, stopped_early, ...}``.
+        ``until``: stop after this step instead (the schedule stays ``cfg.steps`` long; call
+        ``fit`` again to go on: a study that looks at the model after every epoch)."""
         cfg, main = self.cfg, is_main_process()
+        end = cfg.steps if until is None else min(int(until), cfg.steps)
         self.model.train()
         start_step, t0, cpu0 = self.step, time.perf_counter(), time.process_time()
         self._clock = (t0, cpu0)
@@ -417,7 +420,7 @@ class Trainer:
         sums, n_win, t_win, record, stopped_early = {}, 0, time.perf_counter(), {}, False
         curve = []  # (step, mean loss) of each logged window: the summary's loss_curve
         try:  # the bar is closed however the loop ends
-            while self.step < cfg.steps:
+            while self.step < end:
                 metrics = self._train_step(self.step)
                 self.step += 1
                 bar.update(1)
@@ -429,7 +432,7 @@ class Trainer:
                     flag = torch.tensor([float(time_up)], device=self.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     time_up = bool(flag.item())
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps or time_up:
+                if self.step % cfg.log_every == 0 or self.step == end or time_up:
                     now = time.perf_counter()
                     means = self._reduce_mean({k: float(v) / n_win for k, v in sums.items()})
                     record = {"step": self.step, "loss": means.pop("loss", float("nan")), "lr": self._last_lr,
@@ -446,9 +449,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     items_s=f"{record['items_per_s']:.0f}")
                     sums, n_win, t_win = {}, 0, now
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
                     self._save_finite()
-                if time_up and self.step < cfg.steps:
+                if time_up and self.step < end:
                     stopped_early = True
                     break
         finally:
@@ -470,4 +473,5 @@ class Trainer:
                    "total": self.time_total(), "resumed_from": self.resumed_from}
         if log:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        self.time_before, self._clock = self.time_total(), None  # a later fit() call adds its own time
         return summary
