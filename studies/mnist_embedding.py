@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from sklearn.metrics import silhouette_score
     t_start = time.perf_counter()
+    commit, dirty = git_state()  # before anything is written (the output folder may be in the tree)
     train = load_mnist(args.data_root, "train")
     g = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(train), generator=g)[:args.n_train].sort().values
@@ -175,10 +176,6 @@ def main(argv=None) -> int:
         print(f"{loss}: kNN {knn:.4f}, silhouette {sil:.4f}", flush=True)
     scatter_frames(frames, test.labels[:2000], args.out / "training.gif")
     figs = figures(test_emb, test.labels[:2000], args.out, args.seed)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
-                                text=True).stdout.strip())
     record = {"command": "python -m studies.mnist_embedding " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": commit, "dirty": dirty, "machine": platform.processor() or platform.machine(),
               "cpu": _cpu_name(), "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t_start,
@@ -198,6 +195,15 @@ def main(argv=None) -> int:
     (args.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def git_state() -> tuple[str, bool]:
+    """(short commit, whether the tree has changes or untracked files) of the checkout."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
+                                text=True).stdout.strip())
+    return commit, dirty
 
 
 def _cpu_name() -> str:
