@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from eval.representation_figures import pca  # noqa: E402
 
 
 FRAME = {0: "red", 1: "gold", 2: "limegreen"}
@@ -91,13 +92,6 @@ def retrieval_grid(queries: list[str], images: torch.Tensor, path, correct: torc
     return path
 
 
-def pca_2d(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (N, 2) projection on the top two principal components (centred)."""
-    x = x.float() - x.float().mean(dim=0, keepdim=True)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
-    return x @ v[:2].T
-
-
 def embedding_scatter(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], path,
                       colours: torch.Tensor | None = None, title: str = "shared embedding space (PCA)") -> Path:
     """panels: name -> (image_emb (N, E), text_emb (N, E)) with row i a matching pair.
@@ -106,7 +100,7 @@ def embedding_scatter(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], path
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
     for ax, (name, (img, txt)) in zip(axes[0], panels.items()):
         n = len(img)
-        xy = pca_2d(torch.cat([img, txt])).numpy()
+        xy = pca(torch.cat([img, txt])).numpy()
         c = colours.numpy() if colours is not None else None
         kw = {"cmap": "tab10"} if c is not None and c.ndim == 1 else {}
         for i in range(min(n, 60)):  # a few pair links

@@ -11,16 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def pca_2d(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (N, 2): the centred features projected on their first two principal axes."""
+def pca(x: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """(N, D) -> (N, k): the centred features projected on their first ``k`` principal axes."""
     c = x.double() - x.double().mean(0)
     _, _, v = torch.linalg.svd(c, full_matrices=False)
-    return (c @ v[:2].T).float()
+    return (c @ v[:k].T).float()
 
 
 def pca_figure(x: torch.Tensor, labels: torch.Tensor, classes: list[str], path: str | Path, title: str = "") -> str:
-    """Scatter of :func:`pca_2d` of ``x`` (N, D), one colour per class of ``labels`` (N,)."""
-    p = pca_2d(x)
+    """Scatter of the 2-D :func:`pca` of ``x`` (N, D), one colour per class of ``labels`` (N,)."""
+    p = pca(x)
     fig, ax = plt.subplots(figsize=(6, 5))
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for c, name in enumerate(classes):

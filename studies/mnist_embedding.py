@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from eval.representation import knn_predict
+from eval.representation_figures import pca
 from mmsys.data.mnist import load_mnist
 from mmsys.data.split import to_float
 from mmsys.embedding import EmbedConfig, SmallCNN, pair_loss
@@ -51,11 +52,6 @@ def embed(model, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     out = torch.cat([model(to_float(images[i:i + batch])) for i in range(0, len(images), batch)])
     model.train()
     return out
-
-
-def pca(x: torch.Tensor, k: int) -> torch.Tensor:
-    c = x.double() - x.double().mean(0)
-    return (c @ torch.linalg.svd(c, full_matrices=False)[2][:k].T).float()
 
 
 def train_one(loss: str, train, args, test_images: torch.Tensor) -> tuple[SmallCNN, list[torch.Tensor], dict]:
