@@ -804,8 +804,7 @@ class Implementation:
         if isinstance(generator, int):
             import torch
             generator = torch.Generator().manual_seed(generator)
-        pair = v.two_views(images, generator, v.ViewConfig(**views))  # (2B, ...): rows i, B + i
-        return pair.view(2, len(images), *pair.shape[1:]).transpose(0, 1)
+        return v.two_views(images, generator, v.ViewConfig(**views))
 
     @capability("m7")
     def ssl_loss(self, model, views):
@@ -813,7 +812,7 @@ class Implementation:
         metrics dict with "pos_acc": the share of views whose positive scores highest). SimCLR:
         NT-Xent over the 2B views; MoCo v2: InfoNCE against the momentum keys and the queue
         (which it then updates)."""
-        return model.loss(views.transpose(0, 1).reshape(-1, *views.shape[2:]))
+        return model.loss(views)
 
     @capability("m7")
     def ssl_features(self, model, images):

@@ -77,6 +77,14 @@ def gate_metrics(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return {"linear_probe": accuracy(preds["linear"], test_y), "knn_accuracy": accuracy(preds["knn"], test_y)}, preds
 
 
+def score_split(model, probe_x: torch.Tensor, probe_y: torch.Tensor, split, impl: Implementation = CANDIDATE):
+    """Both gates' metrics of ``model`` on ``split`` with probes fitted on (``probe_x``, ``probe_y``)
+    -> (metrics, predictions, the split's features)."""
+    x = features(model, split.images, impl)
+    metrics, preds = gate_metrics(probe_x, probe_y, x, split.labels, len(split.classes))
+    return metrics, preds, x
+
+
 def untrained(config: dict, seed: int, impl: Implementation = CANDIDATE):
     """``impl``'s model built from ``config`` with seed ``UNTRAINED_SEED + seed``, in eval mode
     (the global RNG state is left as it was)."""

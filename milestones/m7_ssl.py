@@ -25,7 +25,7 @@ from eval.validation import hold_out, record
 from milestones.adapters import CANDIDATE, Implementation
 from milestones.base import Criterion, Milestone, RunContext, RunResult
 from milestones.common import data_root, load_into, read_checkpoint, train_config, world_split
-from milestones.m7_checks import CONTROLS, GATES, PITFALLS, features, gate_metrics, measure_controls, measure_symptoms
+from milestones.m7_checks import CONTROLS, GATES, PITFALLS, features, measure_controls, measure_symptoms, score_split
 
 # ------------------------------------------------------------------ thresholds (the one place)
 THRESHOLDS = {
@@ -211,13 +211,11 @@ def run(ctx: RunContext, recipe: M7Recipe) -> RunResult:
         ckpt, info["training"] = str(ctx.out_dir / "checkpoint.pt"), summary
     t0 = time.perf_counter()
     probe_x = features(model, probe.images, impl)
-    n_classes = len(test_split.classes)
-    vm, _ = gate_metrics(probe_x, probe.labels, features(model, val_split.images, impl), val_split.labels, n_classes)
+    vm, _, _ = score_split(model, probe_x, probe.labels, val_split, impl)
     validation = record(val_split.name, len(val_split), {f"val_{k}": v for k, v in vm.items()},
                         "the gates' probes, fitted on the same probe-training features")
     ctx.log("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in validation["metrics"].items()))
-    test_x = features(model, test_split.images, impl)
-    metrics, preds = gate_metrics(probe_x, probe.labels, test_x, test_split.labels, n_classes)
+    metrics, preds, test_x = score_split(model, probe_x, probe.labels, test_split, impl)
     info["probe_s"] = time.perf_counter() - t0
     info["feature_dim"] = int(test_x.shape[1])
     ctx.log(f"linear probe {metrics['linear_probe']:.4f}, kNN {metrics['knn_accuracy']:.4f}")

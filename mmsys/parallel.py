@@ -19,7 +19,7 @@ Gradient accumulation uses :func:`no_sync` on every micro-batch but the last (DD
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
@@ -88,15 +88,14 @@ def no_sync(wrapped: nn.Module, skip: bool) -> Iterator[None]:
     elif isinstance(wrapped, DistributedDataParallel):
         with wrapped.no_sync():
             yield
-    elif hasattr(wrapped, "set_requires_gradient_sync"):  # an FSDP2 module
+    elif is_sharded(wrapped):
         wrapped.set_requires_gradient_sync(False)
         try:
             yield
         finally:
             wrapped.set_requires_gradient_sync(True)
     else:
-        with nullcontext():
-            yield
+        yield
 
 
 # ----------------------------------------------------------------------------- sharded state

@@ -3,8 +3,8 @@ Chen et al. 2020b), on the mmsys ViT or a torchvision ResNet built from scratch.
 
     cfg = SSLConfig(method="simclr")
     model = SSLModel(cfg)
-    views = two_views(images, generator)            # mmsys.views: (2B, 3, H, W), rows i and B + i pair
-    loss, metrics = model.loss(views)               # NT-Xent over the 2B views (SimCLR eq. 1)
+    pairs = two_views(images, generator)            # mmsys.views: (B, 2, 3, H, W)
+    loss, metrics = model.loss(pairs)               # NT-Xent over the 2B views (SimCLR eq. 1)
     feats = model.features(images)                  # (B, feature_dim): what a linear probe reads
 
 The representation is the encoder's output ``h`` (the ViT's final CLS token, the ResNet's pooled
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .views import stack_views
 from .vit import ViT, ViTConfig
 
 
@@ -154,8 +155,9 @@ class SSLModel(nn.Module):
             return encoder.tokens(images)[0][:, 1:].mean(1)
         return encoder(images)
 
-    def loss(self, views: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """views (2B, 3, S, S), rows i and B + i two views of image i -> (0-d loss, metrics)."""
+    def loss(self, pairs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """pairs (B, 2, 3, S, S), the two views of each image -> (0-d loss, metrics)."""
+        views = stack_views(pairs)  # (2B, ...): rows i and B + i
         if self.cfg.method == "simclr":
             return nt_xent(self.project(views), self.cfg.temperature)
         return self._moco_loss(views)

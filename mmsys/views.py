@@ -8,7 +8,8 @@ the same arithmetic, applied to a whole batch at once with one parameter draw pe
 32x32 on one CPU thread, longer than the training step it feeds. ``tests/test_ssl.py`` checks
 each batched operation against ``torchvision.transforms.v2.functional`` on the same parameters.
 
-    views = two_views(images_uint8, generator, ViewConfig())   # (2B, 3, H, W) float in [-1, 1]
+    pairs = two_views(images_uint8, generator, ViewConfig())   # (B, 2, 3, H, W) float in [-1, 1]
+    rows = stack_views(pairs)                                  # (2B, 3, H, W): rows i and B + i pair
 """
 
 from __future__ import annotations
@@ -50,10 +51,17 @@ def two_views(images: torch.Tensor, g: torch.Generator, cfg: ViewConfig = ViewCo
     Args:
         images: ``(B, 3, H, W)`` uint8.
     Returns:
-        ``(2B, 3, H, W)`` float in [-1, 1]: rows ``i`` and ``B + i`` are views of image ``i``.
+        ``(B, 2, 3, H, W)`` float in [-1, 1]: the two views of each image (one batch row each, so
+        the engine splits a batch of pairs across micro-batches and ranks).
     """
     x = images.float().div(255.0)
-    return torch.cat([random_view(x, g, cfg), random_view(x, g, cfg)]).mul(2.0).sub(1.0)
+    return torch.stack([random_view(x, g, cfg), random_view(x, g, cfg)], dim=1).mul(2.0).sub(1.0)
+
+
+def stack_views(pairs: torch.Tensor) -> torch.Tensor:
+    """(B, 2, ...) view pairs -> (2B, ...): every first view, then every second one (rows ``i``
+    and ``B + i`` are the two views of image ``i``, the layout NT-Xent pairs)."""
+    return pairs.transpose(0, 1).reshape(-1, *pairs.shape[2:])
 
 
 def random_view(x: torch.Tensor, g: torch.Generator, cfg: ViewConfig) -> torch.Tensor:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,12 +29,14 @@ import torch
 
 from eval.representation import knn_predict
 from eval.representation_figures import pca
+from grader.report import device_info, git_state
+from milestones.common import batched
 from mmsys.data.mnist import load_mnist
 from mmsys.data.split import to_float
 from mmsys.embedding import EmbedConfig, SmallCNN, pair_loss
 from mmsys.ssl import nt_xent
 from mmsys.train import Trainer, TrainConfig
-from mmsys.views import ViewConfig, two_views
+from mmsys.views import ViewConfig, stack_views, two_views
 
 REPO = Path(__file__).resolve().parents[1]
 # digits: a random crop of most of the image, brightness and contrast; no flip (a mirrored 2 is
@@ -46,10 +46,10 @@ DIGIT_VIEWS = ViewConfig(crop_scale=(0.6, 1.0), flip=0.0, jitter=0.8, brightness
 LOSSES = ("pair", "ntxent")
 
 
-@torch.no_grad()
-def embed(model, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+def embed(model, images: torch.Tensor) -> torch.Tensor:
+    """uint8 digits (N, 3, 28, 28) -> (N, 64) embeddings, in eval mode (then back to training)."""
     model.eval()
-    out = torch.cat([model(to_float(images[i:i + batch])) for i in range(0, len(images), batch)])
+    out = batched(model, images)
     model.train()
     return out
 
@@ -70,11 +70,10 @@ def train_one(loss: str, train, args, test_images: torch.Tensor) -> tuple[SmallC
             return pair_loss(m(b[0]), b[1])
     else:
         def get_batch(idx, g):  # (B, 2, 3, H, W): the two views of each digit
-            v = two_views(images[idx], g, DIGIT_VIEWS)
-            return v.view(2, len(idx), *v.shape[1:]).transpose(0, 1)
+            return two_views(images[idx], g, DIGIT_VIEWS)
 
         def loss_fn(m, b):
-            return nt_xent(m(b.transpose(0, 1).reshape(-1, *b.shape[2:])), args.temperature)
+            return nt_xent(m(stack_views(b)), args.temperature)
     trainer = Trainer(model, cfg, loss_fn=loss_fn, data_size=len(images), get_batch=get_batch, kind=f"mnist-{loss}")
     frames, t0 = [], time.perf_counter()
     frames.append(pca(embed(model, test_images), 2))
@@ -153,7 +152,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from sklearn.metrics import silhouette_score
     t_start = time.perf_counter()
-    commit, dirty = git_state()  # before anything is written (the output folder may be in the tree)
+    git = git_state(REPO)  # before anything is written (the output folder may be in the tree)
+    commit, dirty = git["commit"][:7], git["dirty"]
     train = load_mnist(args.data_root, "train")
     g = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(train), generator=g)[:args.n_train].sort().values
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     figs = figures(test_emb, test.labels[:2000], args.out, args.seed)
     record = {"command": "python -m studies.mnist_embedding " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": commit, "dirty": dirty, "machine": platform.processor() or platform.machine(),
-              "cpu": _cpu_name(), "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t_start,
+              "cpu": device_info("cpu").get("cpu", "?"), "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t_start,
               "args": {k: str(v) for k, v in vars(args).items()}, "results": rows, "figures": figs}
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
     lines = [f"# MNIST embedding: pair loss vs NT-Xent", "",
@@ -191,25 +191,6 @@ def main(argv=None) -> int:
     (args.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
-
-
-def git_state() -> tuple[str, bool]:
-    """(short commit, whether the tree has changes or untracked files) of the checkout."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
-                                text=True).stdout.strip())
-    return commit, dirty
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 if __name__ == "__main__":

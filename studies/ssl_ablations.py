@@ -58,7 +58,7 @@ def run_setting(args: tuple) -> dict:
     import torch
     torch.set_num_threads(1)
     from milestones.base import RunContext
-    from milestones.m7_checks import features, gate_metrics
+    from milestones.m7_checks import features, score_split
     from milestones.m7_ssl import load_data, probe_split, train
     recipe = recipe_for(knob, value)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,8 +68,7 @@ def run_setting(args: tuple) -> dict:
         model, summary = train(recipe, train_split, ctx)
         wall = time.perf_counter() - t0
         probe = probe_split(train_split, recipe.n_probe)
-        m, _ = gate_metrics(features(model, probe.images), probe.labels, features(model, val.images), val.labels,
-                            len(val.classes))
+        m, _, _ = score_split(model, features(model, probe.images), probe.labels, val)
     return {"setting": str(value), "val_linear_probe": m["linear_probe"], "val_knn_accuracy": m["knn_accuracy"],
             "train_wall_s": wall, "steps": recipe.steps, "batch_size": recipe.batch_size,
             "final_loss": (summary.get("final_metrics") or {}).get("loss")}
@@ -101,8 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "results" / "ssl_ablations")
     a = p.parse_args(argv)
     from milestones.m7_ssl import RECIPES
-    from studies.mnist_embedding import _cpu_name, git_state
-    commit, dirty = git_state()
+    from grader.report import device_info, git_state
+    git = git_state(REPO)
+    commit, dirty = git["commit"][:7], git["dirty"]
     base = RECIPES["quick"]
     t0 = time.perf_counter()
     settings = [(a.knob, v, a.seed) for v in KNOBS[a.knob]]
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         rows = [run_setting(s) for s in settings]
     a.out.mkdir(parents=True, exist_ok=True)
     command = "python -m studies.ssl_ablations " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": command, "commit": commit, "dirty": dirty, "cpu": _cpu_name(), "torch_threads": 1,
+    record = {"command": command, "commit": commit, "dirty": dirty, "cpu": device_info("cpu").get("cpu", "?"), "torch_threads": 1,
               "jobs": a.jobs, "wall_s": time.perf_counter() - t0, "seed": a.seed, "rows": rows}
     (a.out / f"{a.knob}.json").write_text(json.dumps(record, indent=2))
     plot(a.knob, rows, a.out / f"{a.knob}.png")
