@@ -1,4 +1,5 @@
-"""The studies' recipes: each ablation changes only its own knob of m7's quick recipe."""
+"""The ablation studies: each changes only its own knob of its milestone's quick recipe (m7, m2), and the
+command refuses bad input with exit 2."""
 
 from dataclasses import asdict
 
@@ -23,3 +24,35 @@ def test_each_ablation_changes_only_its_knob(knob):
             assert r["steps"] * r["batch_size"] == BASE["steps"] * BASE["batch_size"]
     with pytest.raises(ValueError):
         recipe_for("depth", 3)
+
+
+def test_clip_ablations_change_only_their_knob():
+    from milestones.m2_clip import RECIPES as M2
+    from studies.clip_ablations import KNOBS as CLIP_KNOBS
+    from studies.clip_ablations import recipe_for as clip_recipe_for
+    base = asdict(M2["quick"])
+    assert len(CLIP_KNOBS["temperature"]) >= 5 and len(CLIP_KNOBS["batch"]) >= 4
+    for knob, values in CLIP_KNOBS.items():
+        for value in values:
+            r = asdict(clip_recipe_for(knob, value))
+            changed = {k for k in base if r[k] != base[k]}
+            assert changed <= ({"model"} if knob == "temperature" else {"batch_size", "steps", "warmup_steps"})
+            if knob == "temperature":
+                assert r["model"]["init_temperature"] == value
+                assert {k for k in r["model"] if r["model"][k] != base["model"].get(k)} == {"init_temperature"}
+            else:
+                assert r["steps"] * r["batch_size"] == base["steps"] * base["batch_size"]
+    with pytest.raises(ValueError):
+        clip_recipe_for("queue", 4096)
+
+
+def test_ablation_command_refuses_bad_input(tmp_path):
+    from studies.clip_ablations import STUDY
+    from studies.ablation import main
+    afile = tmp_path / "a.txt"
+    afile.write_text("keep")
+    for argv in (["batch", "--jobs", "0"], ["batch", "--out", str(afile)], ["depth"]):
+        with pytest.raises(SystemExit) as e:
+            main(STUDY, argv)
+        assert e.value.code == 2
+    assert afile.read_text() == "keep"
