@@ -1,53 +1,68 @@
-"""Choose m7's quick recipe on the world's validation split (never the test split): train SimCLR
-or MoCo with one setting, print the linear-probe and kNN accuracy of the val split's features
-(the CLS token and the mean patch token), and the untrained encoder's.
+"""Choose m7's quick recipe on the world's validation split (never the test split): train m7's quick
+recipe with the given changes through the milestone's own training function, and print the
+linear-probe and kNN accuracy of the val split's features (m7's probes, fitted on its probe images).
 
-    python -m benchmarks.m7_recipe STEPS BATCH METHOD CROP_MIN JITTER HUE LR TEMPERATURE POOL
-    python -m benchmarks.m7_recipe 600 128 simclr 0.8 0.8 0.5 1e-3 0.2 mean    # the quick recipe
+    python -m benchmarks.m7_recipe                                   # the quick recipe as it is
+    python -m benchmarks.m7_recipe --temperature 0.05 --crop-min 1.0 # one candidate
 
-The figures behind milestones/m7_ssl.py's recipe comment were printed by this script (one torch
-thread, two runs at a time on a 2-core AMD EPYC). Probes: scikit-learn logistic regression on
-5,000 training images' standardised features, weighted kNN (k 20, t 0.1), as eval/representation.py.
+The single-knob studies are ``python -m studies.ssl_ablations KNOB``; this is for a combination of
+the knobs they pointed to. One torch thread; run candidates side by side as separate processes.
 """
-import sys, time, torch, numpy as np
-from sklearn.linear_model import LogisticRegression
-from mmsys.ssl import SSLModel, SSLConfig
-from mmsys.views import two_views, ViewConfig
-from mmsys.train import Trainer, TrainConfig
-from milestones.base import RunContext
-from milestones.common import world_split
-torch.set_num_threads(1)
-steps, bs, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-lo, js, hue, lr, tau, pool = float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]), float(sys.argv[8]), sys.argv[9]
-ctx = RunContext()
-tr = world_split(ctx, "train", 20000, single=True, captions=False)
-te = world_split(ctx, "val", 2000, single=True, captions=False)
-cfg = SSLConfig(method=method, proj_hidden=512, temperature=tau, queue_size=4096, pool=pool)
-torch.manual_seed(0)
-model = SSLModel(cfg)
-vc = ViewConfig(crop_scale=(lo, 1.0), brightness=js, contrast=js, saturation=js, hue=hue)
-POOL = ["cls"]
-def feats(m, x):
-    m.eval()
-    f = (lambda y: m.encoder.tokens(y)[0][:, 0]) if POOL[0] == "cls" else (lambda y: m.encoder.tokens(y)[0][:, 1:].mean(1))
-    with torch.no_grad():
-        return torch.cat([f(x[i:i+500].float()/127.5-1) for i in range(0, len(x), 500)]).numpy()
-def probe(m, n=5000):
-    a, b = feats(m, tr.images[:n]), feats(m, te.images)
-    mu, sd = a.mean(0), a.std(0) + 1e-6
-    clf = LogisticRegression(max_iter=1000).fit((a-mu)/sd, tr.labels[:n].numpy())
-    lin = clf.score((b-mu)/sd, te.labels.numpy())
-    # kNN cos k=20
-    an = a/np.linalg.norm(a,axis=1,keepdims=True); bn = b/np.linalg.norm(b,axis=1,keepdims=True)
-    s = bn @ an.T; idx = np.argsort(-s, 1)[:, :20]; lab = tr.labels[:n].numpy()[idx]
-    w = np.exp(np.take_along_axis(s, idx, 1)/0.1); votes = np.zeros((len(b), 10))
-    for c in range(10): votes[:, c] = (w*(lab==c)).sum(1)
-    return lin, (votes.argmax(1) == te.labels.numpy()).mean()
-t0 = time.time(); print(sys.argv[1:], "untrained cls", probe(model), time.time()-t0, flush=True); POOL[0] = "mean"; print("untrained mean", probe(model), flush=True); POOL[0] = "cls"
-def loss_fn(m, v):
-    B = len(v); v = torch.cat([v[:, 0], v[:, 1]])
-    return m.loss(v)
-tcfg = TrainConfig(steps=steps, batch_size=bs, lr=lr, weight_decay=0.05, warmup_steps=min(50, steps//10), progress=False, log_every=50)
-trainer = Trainer(model, tcfg, loss_fn=loss_fn, data_size=len(tr.images), get_batch=lambda idx, g: two_views(tr.images[idx], g, vc).view(2, len(idx), 3, 32, 32).transpose(0, 1), kind="ssl")
-t0 = time.time(); s = trainer.fit(); print("train", time.time()-t0, s["final_metrics"], flush=True)
-print("trained", probe(model)); POOL[0] = "mean"; print("trained mean-pool", probe(model))
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+
+def candidate(base, temperature: float | None, crop_min: float | None, steps: int | None):
+    """``base`` (an M7Recipe) with the given fields changed (None = as it is)."""
+    model, views = dict(base.model), dict(base.views)
+    if temperature is not None:
+        model["temperature"] = temperature
+    if crop_min is not None:
+        views["crop_scale"] = (crop_min, 1.0)
+    r = replace(base, model=model, views=views)
+    if steps is not None:
+        r = replace(r, steps=steps, warmup_steps=base.warmup_steps * steps // base.steps)
+    return r
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.m7_recipe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--crop-min", type=float, help="the random resized crop's smallest area (1.0 = no crop)")
+    p.add_argument("--steps", type=int, help="training steps (the warm-up scaled with them)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.crop_min is not None and not 0 < a.crop_min <= 1:
+        p.error(f"--crop-min must be in (0, 1], got {a.crop_min}")
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+    torch.set_num_threads(1)
+    from milestones.base import RunContext
+    from milestones.m7_checks import features, score_split
+    from milestones.m7_ssl import RECIPES, load_data, probe_split, train
+    recipe = candidate(RECIPES["quick"], a.temperature, a.crop_min, a.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = RunContext(out_dir=Path(tmp), seed=a.seed, progress=False)
+        train_split, val, _ = load_data(recipe, ctx)
+        t0 = time.perf_counter()
+        model, summary = train(recipe, train_split, ctx)
+        wall = time.perf_counter() - t0
+        probe = probe_split(train_split, recipe.n_probe)
+        m, _, _ = score_split(model, features(model, probe.images), probe.labels, val)
+    print(json.dumps({"temperature": recipe.model["temperature"], "crop_scale": list(recipe.views["crop_scale"]),
+                      "steps": recipe.steps, "seed": a.seed, "val_linear_probe": m["linear_probe"],
+                      "val_knn_accuracy": m["knn_accuracy"], "train_wall_s": round(wall, 1),
+                      "final_loss": (summary.get("final_metrics") or {}).get("loss")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
