@@ -4,7 +4,7 @@ m7's gate's alone).
 
     python -m studies.ssl_ablations temperature            # 5 temperatures, SimCLR
     python -m studies.ssl_ablations batch                  # 4 batch sizes at equal images seen
-    python -m studies.ssl_ablations augment                # the views with each operation removed in turn
+    python -m studies.ssl_ablations augment                # the views with each operation changed in turn
     python -m studies.ssl_ablations queue                  # MoCo v2 with 4 queue sizes
     ... --jobs 2                                           # settings two at a time, one thread each
 
@@ -24,7 +24,9 @@ from studies.ablation import FINAL_LOSS, REPO, STEPS_X_BATCH, TRAIN_WALL, Study,
 KNOBS = {
     "temperature": [0.05, 0.1, 0.2, 0.5, 1.0],
     "batch": [32, 64, 128, 256],  # steps scaled so every setting sees 600 x 128 images
-    "augment": ["all", "no crop", "no flip", "no colour jitter", "no grayscale"],
+    # the recipe's views, then one operation changed; the crop is off in the recipe since 2026-12-04
+    # (results/ssl_ablations/augment.md at 9d61401 removed it from a recipe that had it)
+    "augment": ["all", "crop (0.8, 1)", "no flip", "no colour jitter", "no grayscale"],
     "queue": [256, 1024, 4096, 16384],
 }
 
@@ -39,7 +41,7 @@ def recipe_for(knob: str, value):
         return replace(base, batch_size=value, steps=base.steps * base.batch_size // value,
                        warmup_steps=base.warmup_steps * base.batch_size // value)
     if knob == "augment":
-        off = {"all": {}, "no crop": {"crop_scale": (1.0, 1.0)}, "no flip": {"flip": 0.0},
+        off = {"all": {}, "crop (0.8, 1)": {"crop_scale": (0.8, 1.0)}, "no flip": {"flip": 0.0},
                "no colour jitter": {"jitter": 0.0}, "no grayscale": {"grayscale": 0.0}}[value]
         return replace(base, views={**base.views, **off})
     if knob == "queue":  # MoCo v2 at its paper's temperature and momentum
