@@ -39,28 +39,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.crop_min is not None and not 0 < a.crop_min <= 1:
         p.error(f"--crop-min must be in (0, 1], got {a.crop_min}")
-    import tempfile
-    import time
-    from pathlib import Path
-
-    import torch
-    torch.set_num_threads(1)
-    from milestones.base import RunContext
-    from milestones.m7_checks import features, score_split
-    from milestones.m7_ssl import RECIPES, load_data, probe_split, train
+    from milestones.m7_ssl import RECIPES
+    from studies.ssl_ablations import train_and_score
     recipe = candidate(RECIPES["quick"], a.temperature, a.crop_min, a.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(out_dir=Path(tmp), seed=a.seed, progress=False)
-        train_split, val, _ = load_data(recipe, ctx)
-        t0 = time.perf_counter()
-        model, summary = train(recipe, train_split, ctx)
-        wall = time.perf_counter() - t0
-        probe = probe_split(train_split, recipe.n_probe)
-        m, _, _ = score_split(model, features(model, probe.images), probe.labels, val)
     print(json.dumps({"temperature": recipe.model["temperature"], "crop_scale": list(recipe.views["crop_scale"]),
-                      "steps": recipe.steps, "seed": a.seed, "val_linear_probe": m["linear_probe"],
-                      "val_knn_accuracy": m["knn_accuracy"], "train_wall_s": round(wall, 1),
-                      "final_loss": (summary.get("final_metrics") or {}).get("loss")}))
+                      "seed": a.seed, **train_and_score(recipe, a.seed)}))
     return 0
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
+from studies.common import add_common_args, check_common_args, provenance
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,13 @@ class Study:
     intro: Callable[[dict], str]
     footer: str
     default_out: Path
+
+
+def at_batch(recipe, batch_size: int):
+    """``recipe`` (a milestone recipe dataclass) at another batch size with the steps and warm-up
+    scaled so that it sees as many items as before: the batch-size ablations' comparison."""
+    return replace(recipe, batch_size=batch_size, steps=recipe.steps * recipe.batch_size // batch_size,
+                   warmup_steps=recipe.warmup_steps * recipe.batch_size // batch_size)
 
 
 def run_all(study: Study, knob: str, seed: int, jobs: int) -> list[dict]:
@@ -102,24 +108,15 @@ def table(study: Study, knob: str, record: dict) -> list[str]:
 
 def main(study: Study, argv=None) -> int:
     """The command line of ``study``: ``python -m <module> KNOB [--jobs N] [--seed S] [--out DIR]``."""
-    from grader.report import device_info, git_state
     p = argparse.ArgumentParser(prog=f"python -m {study.module}", description=study.description)
     p.add_argument("knob", choices=sorted(study.knobs))
-    p.add_argument("--jobs", type=int, default=1, help="settings trained at a time, one torch thread each")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=study.default_out)
+    add_common_args(p, study.default_out)
     a = p.parse_args(argv)
-    if a.jobs < 1:
-        p.error(f"--jobs must be at least 1, got {a.jobs}")
-    if a.out.exists() and not a.out.is_dir():
-        p.error(f"--out {a.out} is a file: give a folder")
-    git = git_state(REPO)
+    check_common_args(p, a)
+    record = {"knob": a.knob, **provenance(study.module, argv, a)}
     t0 = time.perf_counter()
     rows = run_all(study, a.knob, a.seed, a.jobs)
-    command = f"python -m {study.module} " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"knob": a.knob, "command": command, "commit": git["commit"][:7], "dirty": git["dirty"],
-              "cpu": device_info("cpu").get("cpu", "?"), "torch_threads": 1, "jobs": a.jobs,
-              "wall_s": time.perf_counter() - t0, "seed": a.seed, "rows": rows}
+    record.update(wall_s=time.perf_counter() - t0, rows=rows)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.knob}.json").write_text(json.dumps(record, indent=2))
     plot(study, a.knob, rows, a.out / f"{a.knob}.png")

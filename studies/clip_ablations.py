@@ -20,9 +20,9 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from studies.ablation import FINAL_LOSS, REPO, STEPS_X_BATCH, TRAIN_WALL, Column, Study, main, metric
+from studies.ablation import FINAL_LOSS, STEPS_X_BATCH, TRAIN_WALL, Column, Study, at_batch, main, metric
+from studies.common import REPO, one_thread_run
 
 KNOBS = {
     "temperature": [0.01, 0.03, 0.07, 0.2, 0.5],  # init_temperature (m2's: 0.07); learned from there
@@ -37,24 +37,17 @@ def recipe_for(knob: str, value):
     if knob == "temperature":
         return replace(base, model={**base.model, "init_temperature": value})
     if knob == "batch":
-        return replace(base, batch_size=value, steps=base.steps * base.batch_size // value,
-                       warmup_steps=base.warmup_steps * base.batch_size // value)
+        return at_batch(base, value)
     raise ValueError(f"unknown knob {knob!r}: choose one of {', '.join(KNOBS)}")
 
 
 def run_setting(args: tuple) -> dict:
     """Train one setting in this process (one torch thread) and score it on val."""
     knob, value, seed = args
-    import tempfile
-
-    import torch
-    torch.set_num_threads(1)
-    from milestones.base import RunContext
     from milestones.common import world_split
     from milestones.m2_clip import train_clip, validate_world
     recipe = recipe_for(knob, value)
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(out_dir=Path(tmp), seed=seed, progress=False)
+    with one_thread_run(seed) as ctx:
         train_split, val = world_split(ctx, "train", recipe.n_train), world_split(ctx, "val", recipe.n_val)
         t0 = time.perf_counter()
         model, tok, summary = train_clip(recipe, train_split, seed=seed, progress=False)

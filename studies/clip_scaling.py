@@ -23,7 +23,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from studies.common import REPO, add_common_args, check_common_args, one_thread_run, provenance
+
 FIXED_SCALE = 20.0  # logit scale of the comparable loss (T = 0.05; m2's quick runs learn 22-25)
 
 
@@ -96,29 +97,20 @@ def heldout_loss(image_emb, text_emb, scale: float, image_key=None, text_key=Non
 def run_setting(args: tuple) -> dict:
     """Train one (width, n_train) setting in this process (one torch thread) and score it on val."""
     (width, n_train), recipe, seed, loss_batch = args
-    import tempfile
-
     import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    from milestones.base import RunContext
     from milestones.common import world_split
     from milestones.m2_clip import embed_images, embed_texts, train_clip, validate_world, world_image_keys
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            ctx = RunContext(out_dir=Path(tmp), seed=seed, progress=False)
-            train, val = world_split(ctx, "train", n_train), world_split(ctx, "val", recipe.n_val)
-            t0 = time.perf_counter()
-            model, tok, summary = train_clip(recipe, train, seed=seed, progress=False)
-            wall = time.perf_counter() - t0
+    with one_thread_run(seed) as ctx:
+        train, val = world_split(ctx, "train", n_train), world_split(ctx, "val", recipe.n_val)
+        t0 = time.perf_counter()
+        model, tok, summary = train_clip(recipe, train, seed=seed, progress=False)
+        wall = time.perf_counter() - t0
         metrics = validate_world(model, tok, val)["metrics"]
         firsts = [cs[0] for cs in val.captions]  # one caption per image, in the split's order
         img, txt = embed_images(model, val.images), embed_texts(model, tok, firsts)
         ikey = world_image_keys(val.meta["scenes"])
         index: dict[str, int] = {}
         tkey = torch.tensor([index.setdefault(" ".join(c.lower().split()), len(index)) for c in firsts])
-    finally:
-        torch.set_num_threads(threads)
     n = sum(p.numel() for p in model.parameters())
     n_emb = sum(p.numel() for name, p in model.named_parameters() if "token_embed" in name or "pos_embed" in name)
     pairs_seen = recipe.steps * recipe.batch_size
@@ -233,19 +225,13 @@ def note(study: Sweeps, fits: dict, rows_n: list[dict], rows_d: list[dict]) -> l
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--jobs", type=int, default=1, help="settings trained at a time, one torch thread each")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="python -m studies.clip_scaling", description=__doc__.split("\n\n")[0])
+    add_common_args(p, REPO / "results" / "clip_scaling")
     p.add_argument("--smoke", action="store_true", help="tiny models, 10 steps x 32: proves the path in ~20 s")
-    p.add_argument("--out", type=Path, default=REPO / "results" / "clip_scaling")
     a = p.parse_args(argv)
-    if a.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {a.jobs}")
-    if a.out.exists() and not a.out.is_dir():
-        p.error(f"--out {a.out} is a file, not a folder")
-    from grader.report import device_info, git_state
-    git = git_state(REPO)
-    commit, dirty = git["commit"][:7], git["dirty"]
+    check_common_args(p, a)
+    start = provenance("studies.clip_scaling", argv, a)
+    command, commit, dirty = start["command"], start["commit"], start["dirty"]
     study = SMOKE if a.smoke else FULL
     todo = sorted(settings(study).items(), key=lambda kv: (-kv[0][0], -kv[0][1]))  # the slowest first
     args = [(key, r, a.seed, study.loss_batch) for key, r in todo]
@@ -268,10 +254,8 @@ def main(argv=None) -> int:
             "data": {"x": "n_train", "y": "val_loss", **fit_power_law([r["n_train"] for r in rows_d],
                                                                       [r["val_loss"] for r in rows_d])}}
     a.out.mkdir(parents=True, exist_ok=True)
-    command = "python -m studies.clip_scaling " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": command, "commit": commit, "dirty": dirty, "cpu": device_info("cpu").get("cpu", "?"),
-              "torch_threads": 1, "jobs": a.jobs, "wall_s": time.perf_counter() - t0,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seed": a.seed, "smoke": a.smoke, "study": asdict(study),
+    record = {**start, "wall_s": time.perf_counter() - t0,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": a.smoke, "study": asdict(study),
               "fixed_logit_scale": FIXED_SCALE, "base_recipe": asdict(base_recipe(study)),
               "rows": [rows[k] for k in sorted(rows)], "fits": fits}
     (a.out / "scaling.json").write_text(json.dumps(record, indent=2))

@@ -20,7 +20,6 @@ import argparse
 import json
 import multiprocessing as mp
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,8 +27,7 @@ from pathlib import Path
 import torch
 
 from eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-
-REPO = Path(__file__).resolve().parents[1]
+from studies.common import REPO, add_common_args, check_common_args, one_thread_run, provenance
 ENCODERS = {"m1": "m1 ViT", "m2": "m2 CLIP image tower", "m7": "m7 SimCLR"}
 # (encoder, metric key, column header): the table's columns and the figure's lines
 CURVES = [("m1", "accuracy", "m1 accuracy"), ("m2", "knn", "m2 kNN"), ("m2", "t2i_R@10", "m2 t2i R@10"),
@@ -105,12 +103,9 @@ def run_encoder(args: tuple) -> dict:
     "clean": metrics, "curves": {corruption: [{"level", "severity", metrics...}]}, "embedding":
     clean val features (n_eval, D), "labels": (n_eval,), "classes"}."""
     encoder, seed, n_eval, n_bank, smoke = args
-    torch.set_num_threads(1)
-    from milestones.base import RunContext
     from milestones.common import world_split
     levels = SMOKE_LEVELS if smoke else FULL_LEVELS
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(out_dir=Path(tmp), seed=seed, progress=False)
+    with one_thread_run(seed) as ctx:
         val = world_split(ctx, "val", n_eval, single=True)
         bank = world_split(ctx, "train", n_bank, single=True, captions=False)
         t0 = time.perf_counter()
@@ -250,35 +245,26 @@ def report(record: dict) -> list[str]:
 
 def main(argv=None) -> int:
     """``python -m studies.robustness [--jobs N] [--seed S] [--n-eval N] [--n-bank N] [--out DIR] [--smoke]``."""
-    from grader.report import device_info, git_state
     p = argparse.ArgumentParser(prog="python -m studies.robustness", description=__doc__.split("\n\n")[0])
-    p.add_argument("--jobs", type=int, default=1, help="encoders trained at a time, one torch thread each")
-    p.add_argument("--seed", type=int, default=0, help="training seed and noise seed")
+    add_common_args(p, REPO / "results" / "robustness", what="encoders")
     p.add_argument("--n-eval", type=int, default=None, help="val images scored (default 1,000; 64 with --smoke)")
     p.add_argument("--n-bank", type=int, default=None,
                    help="clean training images in the kNN bank (default 5,000; 128 with --smoke)")
-    p.add_argument("--out", type=Path, default=REPO / "results" / "robustness",
-                   help="folder (default results/robustness)")
     p.add_argument("--smoke", action="store_true",
                    help="the milestones' smoke recipes, 2 severities: the path, not the result")
     a = p.parse_args(argv)
     n_eval = a.n_eval if a.n_eval is not None else (64 if a.smoke else 1_000)
     n_bank = a.n_bank if a.n_bank is not None else (128 if a.smoke else 5_000)
-    if a.jobs < 1:
-        p.error(f"--jobs must be at least 1, got {a.jobs}")
+    check_common_args(p, a)
     if not 20 <= n_eval <= 2_000:
         p.error(f"--n-eval must be in 20..2000 (the val split has 2,000 images), got {n_eval}")
     if not 20 <= n_bank <= 50_000:
         p.error(f"--n-bank must be in 20..50000 (the training split has 50,000 images), got {n_bank}")
-    if a.out.exists() and not a.out.is_dir():
-        p.error(f"--out {a.out} is a file: give a folder")
-    git, t0 = git_state(REPO), time.perf_counter()
+    start, t0 = provenance("studies.robustness", argv, a), time.perf_counter()
     results = run_all(a.seed, n_eval, n_bank, a.smoke, a.jobs)
-    command = "python -m studies.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": command.strip(), "commit": git["commit"][:7], "dirty": git["dirty"],
-              "cpu": device_info("cpu").get("cpu", "?"), "torch_threads": 1, "jobs": a.jobs,
+    record = {**start,
               "wall_s": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "seed": a.seed, "recipes": "smoke" if a.smoke else "quick", "n_eval": n_eval, "n_bank": n_bank,
+              "recipes": "smoke" if a.smoke else "quick", "n_eval": n_eval, "n_bank": n_bank,
               "severities": {name: list(SEVERITIES[name]) for name in CORRUPTIONS},
               "encoders": {r["encoder"]: {k: v for k, v in r.items() if k not in ("embedding", "labels", "classes")}
                            for r in results}}

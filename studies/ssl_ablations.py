@@ -17,9 +17,9 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from studies.ablation import FINAL_LOSS, REPO, STEPS_X_BATCH, TRAIN_WALL, Study, main, metric
+from studies.ablation import FINAL_LOSS, STEPS_X_BATCH, TRAIN_WALL, Study, at_batch, main, metric
+from studies.common import REPO, one_thread_run
 
 KNOBS = {
     "temperature": [0.05, 0.1, 0.2, 0.5, 1.0],
@@ -38,8 +38,7 @@ def recipe_for(knob: str, value):
     if knob == "temperature":
         return replace(base, model={**base.model, "temperature": value})
     if knob == "batch":
-        return replace(base, batch_size=value, steps=base.steps * base.batch_size // value,
-                       warmup_steps=base.warmup_steps * base.batch_size // value)
+        return at_batch(base, value)
     if knob == "augment":
         off = {"all": {}, "crop (0.8, 1)": {"crop_scale": (0.8, 1.0)}, "no flip": {"flip": 0.0},
                "no colour jitter": {"jitter": 0.0}, "no grayscale": {"grayscale": 0.0}}[value]
@@ -50,28 +49,27 @@ def recipe_for(knob: str, value):
     raise ValueError(f"unknown knob {knob!r}: choose one of {', '.join(KNOBS)}")
 
 
-def run_setting(args: tuple) -> dict:
-    """Train one setting in this process (one torch thread) and score it on val."""
-    knob, value, seed = args
-    import tempfile
-
-    import torch
-    torch.set_num_threads(1)
-    from milestones.base import RunContext
+def train_and_score(recipe, seed: int) -> dict:
+    """Train m7's model with ``recipe`` (one torch thread) and score it on the world's val split:
+    linear-probe and kNN accuracy with probes fitted on the recipe's probe images."""
     from milestones.m7_checks import features, score_split
     from milestones.m7_ssl import load_data, probe_split, train
-    recipe = recipe_for(knob, value)
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(out_dir=Path(tmp), seed=seed, progress=False)
+    with one_thread_run(seed) as ctx:
         train_split, val, _ = load_data(recipe, ctx)
         t0 = time.perf_counter()
         model, summary = train(recipe, train_split, ctx)
         wall = time.perf_counter() - t0
         probe = probe_split(train_split, recipe.n_probe)
         m, _, _ = score_split(model, features(model, probe.images), probe.labels, val)
-    return {"setting": str(value), "val_linear_probe": m["linear_probe"], "val_knn_accuracy": m["knn_accuracy"],
-            "train_wall_s": wall, "steps": recipe.steps, "batch_size": recipe.batch_size,
+    return {"val_linear_probe": m["linear_probe"], "val_knn_accuracy": m["knn_accuracy"], "train_wall_s": wall,
+            "steps": recipe.steps, "batch_size": recipe.batch_size,
             "final_loss": (summary.get("final_metrics") or {}).get("loss")}
+
+
+def run_setting(args: tuple) -> dict:
+    """Train one setting in this process and score it on val."""
+    knob, value, seed = args
+    return {"setting": str(value), **train_and_score(recipe_for(knob, value), seed)}
 
 
 def intro(record: dict) -> str:
