@@ -21,7 +21,7 @@ from grader.ranks import RANK_VARS, world_size
 
 
 def run_shape_tests(milestone, out_dir: Path, skip: bool, impl: dict) -> dict:
-    """Run the milestone's fast pytest tests (its marker, not slow) against the implementation
+    """Run the milestone's pytest tests (its marker, integration tests included, not slow) against the implementation
     ``impl`` (:func:`milestones.adapters.use_implementation`'s record); junit XML in out_dir."""
     if skip:
         return {"passed": False, "skipped": True, "summary": "skipped by --skip-tests"}

@@ -50,6 +50,7 @@ def signal(n: int = 3, length: int = 12_345, seed: int = 0) -> torch.Tensor:
     return 0.5 * tone + 0.2 * torch.sin(2 * torch.pi * (300 + 2000 * t) * t) + 0.1 * torch.randn(n, length, generator=g)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("htk", [False, True])
 @pytest.mark.parametrize("slaney_norm", [True, False])
 def test_filterbank_matches_librosa(htk, slaney_norm):
@@ -70,6 +71,7 @@ def test_mel_scale_round_trip(htk):
         assert float(hz_to_mel(torch.tensor(500.0))) == pytest.approx(7.5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("htk", [False, True])
 def test_power_mel_matches_librosa(htk):
     x = signal()

@@ -40,6 +40,7 @@ def test_cutout_masks_one_clipped_square_per_image():
     assert cutout(x, torch.Generator().manual_seed(0), size=0) is x
 
 
+@pytest.mark.integration
 def test_m1_recipe_cutout_reaches_the_training_batches(monkeypatch, tmp_path):
     """M1Recipe.cutout is wired: every training batch goes through cutout with the recipe's size."""
     from dataclasses import replace
@@ -105,6 +106,7 @@ def test_cutmix_pastes_one_box_and_weights_targets_by_its_area():
     assert kinds == {"cutmix", "mixup"}
 
 
+@pytest.mark.integration
 def test_m1_recipe_mixing_reaches_the_training_batches(monkeypatch, tmp_path):
     """M1Recipe.mixup/cutmix are wired: batches go through mix_batch and train on soft targets."""
     from dataclasses import replace

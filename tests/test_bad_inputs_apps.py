@@ -189,6 +189,7 @@ def test_human_eval_record_bad_argument(bad, words, work, capsys):
     assert snapshot(work) == before
 
 
+@pytest.mark.integration
 def test_real_command_line_is_one_line(work, repo_env):
     """Through ``python -m``: argparse's own errors are one line too (no usage block), exit 2."""
     r = subprocess.run([sys.executable, "-m", "apps.sample", "--nrow", "0", "--checkpoint", str(work / "checkpoint.pt"),
@@ -271,6 +272,7 @@ def test_record_twice_keeps_both_annotators_and_gate_reports_them(tmp_path, caps
     assert read_record(out, {**META, "seed": 1})["status"].startswith("stale")
 
 
+@pytest.mark.integration
 def test_m5_human_gate_reports_each_annotator(tmp_path, capsys):
     from eval.human_eval import describe_record, sheet_meta
     from milestones import m5_checks, m5_text_to_image as m5
@@ -325,6 +327,7 @@ def test_record_into_a_file_that_is_not_a_record_is_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- retrieve: index cache
 
+@pytest.mark.integration
 @pytest.mark.parametrize("corruption", ["random bytes", "truncated", "meta not JSON", "other checkpoint"])
 def test_corrupt_retrieval_index_is_rebuilt(corruption, tmp_path, capsys):
     """The program's own index folder is rebuilt, with one warning line, when a file is damaged or
@@ -355,6 +358,7 @@ def test_corrupt_retrieval_index_is_rebuilt(corruption, tmp_path, capsys):
     assert retrieve.main(args + [str(tmp_path / "c.png")]) == 0 and "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_an_index_given_by_hand_from_another_checkpoint_is_refused(tmp_path, capsys):
     from test_retrieve import untrained_checkpoint
     ckpt = untrained_checkpoint(tmp_path / "a" / "checkpoint.pt", {"dataset": "world", "split": "test", "n": 16})

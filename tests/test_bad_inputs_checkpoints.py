@@ -251,6 +251,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("name", ["unknown model_config key", "wrong-shape weight", "NaN weight",
                                   "mixed key types", "huge model_config"])
+@pytest.mark.integration
 def test_grader_m1_exit_2_nothing_written(tmp_path, name):
     """``grader.py m1 --checkpoint BAD --skip-tests``: exit 2, one line, no traceback, no files."""
     path = write_bad(tmp_path, "vit", name)
@@ -267,6 +268,7 @@ def test_grader_m1_exit_2_nothing_written(tmp_path, name):
     assert _snapshot(out) == before
 
 
+@pytest.mark.integration
 def test_apps_sample_exit_2(tmp_path):
     """``python -m apps.sample --checkpoint BAD``: ``error: <one line>``, exit 2, no image written."""
     path = write_bad(tmp_path, "ddpm", "NaN weight")

@@ -319,6 +319,7 @@ def out(tmp_path) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_grader_m1_full_refuses_a_60_image_tree(tmp_path, out):
     ten = [f"k{i}" for i in range(10)]
     root = write_tree(tmp_path / "tree", classes=ten, per_class=6, size=32)
@@ -327,6 +328,7 @@ def test_grader_m1_full_refuses_a_60_image_tree(tmp_path, out):
     assert_refused(r, out, before, "60 images in 10 classes", "50,000 images")
 
 
+@pytest.mark.integration
 def test_grader_m1_full_smoke_names_a_truncated_jpeg(tmp_path, out):
     """--smoke takes any tree (no count check), so the decode error is what stops it."""
     root = write_tree(tmp_path / "tree", size=32)
@@ -338,6 +340,7 @@ def test_grader_m1_full_smoke_names_a_truncated_jpeg(tmp_path, out):
     assert_refused(r, out, before, str(bad))
 
 
+@pytest.mark.integration
 def test_grader_m2_full_names_a_truncated_coco_json(tmp_path, out):
     write_coco(tmp_path / "coco", split="train2017")
     ann = write_coco(tmp_path / "coco", split="val2017")

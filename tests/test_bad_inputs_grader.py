@@ -63,6 +63,7 @@ def fake_run(folder: Path, mid: str = "m1") -> None:
 
 
 # ------------------------------------------------------------------ an earlier run in the folder
+@pytest.mark.integration
 def test_rerun_into_a_folder_holding_a_run_is_refused(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs / "m1")
@@ -73,6 +74,7 @@ def test_rerun_into_a_folder_holding_a_run_is_refused(tmp_path):
     assert snapshot(runs) == before
 
 
+@pytest.mark.integration
 def test_m5_refusal_says_the_answers_are_carried_over(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs / "m5", "m5")
@@ -81,6 +83,7 @@ def test_m5_refusal_says_the_answers_are_carried_over(tmp_path):
     assert snapshot(runs) == before
 
 
+@pytest.mark.integration
 def test_force_moves_the_earlier_run_aside(tmp_path):
     """--force: the earlier folder is renamed whole (bytes and times unchanged) and said so on
     stdout; the new run then starts in a fresh folder (here it stops on missing data, exit 2)."""
@@ -146,6 +149,7 @@ def _random_bytes() -> bytes:
     return data
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["empty", "truncated", "random", "wrong kind"])
 def test_bad_checkpoint_is_refused_before_any_work(case, tmp_path):
     """Without --skip-tests: the checkpoint is opened before the shape tests run or any folder is
@@ -184,6 +188,7 @@ def _out_cases(tmp_path: Path) -> dict[str, Path]:
     return {"a file": afile, "under a file": afile / "runs"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["a file", "under a file"])
 def test_out_that_is_not_a_folder_is_refused(case, tmp_path):
     out = _out_cases(tmp_path)[case]
@@ -206,6 +211,7 @@ def test_read_only_out_is_refused(tmp_path):
         out.chmod(0o755)
 
 
+@pytest.mark.integration
 def test_unwritable_out_is_refused():
     """A folder on a file system no one may create files in (sysfs), as root too."""
     import tempfile
@@ -241,6 +247,7 @@ def test_seed_range():
 
 
 # ------------------------------------------------------------------ all --jobs 2
+@pytest.mark.integration
 def test_parallel_shows_only_reports_this_run_wrote(tmp_path):
     """A child that exits 2 (here: its folder holds an earlier run) leaves that run's old PASS
     report.json in place; the parent must not print it as this run's table."""

@@ -232,6 +232,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.integration
 def test_grader_writes_a_failed_report_and_exits_1_with_one_line(tmp_path):
     snap, out = tmp_path / "snap.pt", tmp_path / "runs"
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(FAKE_MILESTONE), str(snap), "m1", "--skip-tests",

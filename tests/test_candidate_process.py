@@ -111,6 +111,7 @@ def box(child):
     return child.call("vit_build", {"a": 1})
 
 
+@pytest.mark.integration
 def test_remote_calls_with_tensors_and_handles(box):
     assert box.value == 3 and box.cfg.kw == {"a": 1}
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -184,6 +185,7 @@ def test_restricted_unpickling():
             loads(evil)
 
 
+@pytest.mark.integration
 def test_a_reply_that_would_import_a_class_is_refused(tmp_path):
     c = CandidateProcess(fake_impl(tmp_path), threads=1, timeout=60).start()
     try:
@@ -194,6 +196,7 @@ def test_a_reply_that_would_import_a_class_is_refused(tmp_path):
         c.close()
 
 
+@pytest.mark.integration
 def test_a_hang_times_out_naming_the_call(tmp_path):
     c = CandidateProcess(fake_impl(tmp_path), threads=1, timeout=3).start()
     try:
@@ -205,6 +208,7 @@ def test_a_hang_times_out_naming_the_call(tmp_path):
         c.close()
 
 
+@pytest.mark.integration
 def test_a_crash_says_where_and_what_it_printed(tmp_path):
     c = CandidateProcess(fake_impl(tmp_path), threads=1, timeout=60).start()
     try:
@@ -261,6 +265,7 @@ def test_overhead_of_a_round_trip(box):
     assert per_call < 0.5
 
 
+@pytest.mark.integration
 def test_without_dropping_privileges_the_guard_still_refuses(tmp_path):
     """Not root, or no setpriv/unshare: the child runs as the grader's user; the audit hook is
     what stops it writing the grader's files, and the report says so."""

@@ -39,6 +39,7 @@ def test_similarity_logits_and_temperature():
     assert model.temperature() == pytest.approx(0.07)
 
 
+@pytest.mark.integration
 def test_gradcache_replays_dropout():
     """With dropout, the re-run must see the same masks as the cached pass: the gradient equals
     that of the same micro-batch forwards kept in one autograd graph."""

@@ -28,6 +28,7 @@ def test_scene_targets_reading_order():
     assert y["row"].tolist() == [1, 1, 0] and y["second_row"].tolist() == [-1, 1, 2]
 
 
+@pytest.mark.integration
 def test_attribute_net_api_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MMSYS_CACHE", str(tmp_path))
     cfg = attr.AttributeConfig(n_train=256, n_test=64, steps=3, batch_size=64, warmup_steps=1)
@@ -48,6 +49,7 @@ def test_attribute_net_api_and_cache(tmp_path, monkeypatch):
     assert set(pred["n_objects"].tolist()) <= {1, 2} and (pred["shape"] < 10).all() and (pred["colour"] < 8).all()
 
 
+@pytest.mark.integration
 def test_accuracies_are_measured_not_read_from_the_cache(tmp_path, monkeypatch):
     """Replace the cached weights by an untrained network (same file, same recipe hash): the
     reported accuracies follow the weights actually loaded, i.e. they were measured."""

@@ -83,6 +83,7 @@ def test_cider_d_hand_value_two_images():
     assert r["CIDEr"] == pytest.approx(3.75, abs=1e-12)
 
 
+@pytest.mark.integration
 @needs_java
 def test_regression_three_images_all_metrics(monkeypatch):
     import pycocoevalcap.spice.get_stanford_models as gsm

@@ -16,6 +16,7 @@ def grader(*args, cwd=REPO):
                           cwd=cwd, timeout=300)
 
 
+@pytest.mark.integration
 def test_list():
     r = grader("list")
     assert r.returncode == 0 and "m1" in r.stdout and "test_accuracy" in r.stdout
@@ -31,6 +32,7 @@ def test_list():
     (("m1", "--resume", "--checkpoint", "x.pt"), "use one"),
     (("all", "--jobs", "0"), "--jobs 0"),
 ])
+@pytest.mark.integration
 def test_bad_usage_exits_2_with_one_clear_line(args, message, tmp_path):
     if "cuda" in args[-1] and torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -41,6 +43,7 @@ def test_bad_usage_exits_2_with_one_clear_line(args, message, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("report.json"))
 
 
+@pytest.mark.integration
 def test_bad_checkpoint_exits_2_and_keeps_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -50,6 +53,7 @@ def test_bad_checkpoint_exits_2_and_keeps_file(tmp_path):
     assert bad.read_bytes() == b"not a checkpoint"
 
 
+@pytest.mark.integration
 def test_missing_data_full_profile_exits_2(tmp_path):
     r = grader("m1", "--profile", "full", "--data-root", str(tmp_path / "nowhere"), "--skip-tests",
                "--out", str(tmp_path / "runs"), "--no-progress")
@@ -57,6 +61,7 @@ def test_missing_data_full_profile_exits_2(tmp_path):
     assert "cifar" in r.stderr.lower() and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_all_in_parallel_logs_each_milestone_and_keeps_exit_codes(tmp_path):
     """``all --jobs 2``: one child process per milestone (heaviest first), each with its log;
     here every child stops on missing data (exit 2) and the parent returns the worst code."""

@@ -26,6 +26,7 @@ def grader(*args, timeout=600):
     (["all", "--nproc", "2"], "name one milestone"),
     (["m1", "--nproc", "2", "--checkpoint", "README.md"], "drop --nproc"),
 ])
+@pytest.mark.integration
 def test_bad_nproc_is_one_line_exit_2(args, message, tmp_path):
     proc = grader(*args, "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

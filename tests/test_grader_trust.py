@@ -233,6 +233,7 @@ def test_calibration_tables_wait_for_runs_in_progress(tmp_path, monkeypatch, cap
         cal.main(["m1", "--pairs", "3,3"])  # not one of PAIRS: argparse's usage error (exit 2)
 
 
+@pytest.mark.integration
 def test_criteria_proved_by_slow_tests_are_not_claimed(tmp_path, monkeypatch):
     """A criterion whose proof is a slow test (not run at grading) is reported as not claimed;
     one proved by a fast test or a gate stays claimed; --skip-tests claims no test proof."""

@@ -57,6 +57,7 @@ def gate_passes(metrics, profile="quick"):
     return gate.passes(metrics[gate.key], m1.THRESHOLDS[profile][gate.key])
 
 
+@pytest.mark.integration
 def test_untrained_model_fails_gate(data):
     torch.manual_seed(0)
     metrics = m1.evaluate(impl.vit_build(m1.RECIPES["quick"].model), data[1])
@@ -64,6 +65,7 @@ def test_untrained_model_fails_gate(data):
     assert not gate_passes(metrics) and not gate_passes(metrics, "full")
 
 
+@pytest.mark.integration
 def test_shuffled_labels_fail_gate(data, tmp_path: Path):
     train, test = data
     g = torch.Generator().manual_seed(1)
@@ -80,6 +82,7 @@ def test_gate_direction_and_nan():
     assert not gate.passes(float("nan"), 0.95)
 
 
+@pytest.mark.integration
 def test_resume_refuses_a_changed_augmentation(data, tmp_path: Path):
     """--resume continues only a run whose batches this recipe reproduces: a checkpoint records its
     recipe, and a changed augmentation is refused with one clear error (the schedule may grow)."""
@@ -92,6 +95,7 @@ def test_resume_refuses_a_changed_augmentation(data, tmp_path: Path):
     assert summary["start_step"] == 4 and summary["steps"] == 6
 
 
+@pytest.mark.integration
 def test_train_accuracy_reads_a_subset_across_the_split_unaugmented(data):
     """The report's training accuracy (the overfitting gap beside the gate) is plain top-1 accuracy
     on n training images drawn across the whole split (not its first n: a class-sorted tree
@@ -109,6 +113,7 @@ def test_train_accuracy_reads_a_subset_across_the_split_unaugmented(data):
 
 
 # ------------------------------------------------------------------ controls (run() measures them)
+@pytest.mark.integration
 def test_every_control_fails_the_gate(data, honest, tmp_path: Path):
     """measure_controls (what run() stores) for a trained tiny model: each control is measured and
     fails the gate at both profiles' thresholds, and the grade would not call the gate unfailable."""
@@ -185,6 +190,7 @@ class FrozenPositions(Implementation):
         return model
 
 
+@pytest.mark.integration
 def test_honest_tiny_model_shows_no_pitfall(data, honest, tmp_path: Path):
     """The honest tiny world model (and, for the loss curve, the easy task at the same learning
     rate as the lr-0 plant) shows none of the symptoms."""
@@ -197,6 +203,7 @@ def test_honest_tiny_model_shows_no_pitfall(data, honest, tmp_path: Path):
     assert diagnosed(symptoms) == set(), symptoms
 
 
+@pytest.mark.integration
 def test_zeroed_query_key_is_diagnosed(data, tmp_path: Path):
     plant = ZeroQK("mmsys")
     model, summary = m1.train(replace(TINY, steps=10), data[0], RunContext(out_dir=tmp_path, progress=False), impl=plant)
@@ -205,6 +212,7 @@ def test_zeroed_query_key_is_diagnosed(data, tmp_path: Path):
     assert "attention near uniform" in diagnosed(symptoms)
 
 
+@pytest.mark.integration
 def test_learning_rate_zero_is_diagnosed(data, tmp_path: Path):
     model, summary = m1.train(replace(EASY, lr=0.0), colours(512), RunContext(out_dir=tmp_path, progress=False))
     symptoms, _ = m1.measure_symptoms(model, EASY, data[1].images[:8], summary, init_pos(EASY))
@@ -257,6 +265,7 @@ def test_hold_out_takes_the_last_images_of_each_class():
             hold_out(split, bad)
 
 
+@pytest.mark.integration
 def test_quick_validation_is_the_worlds_val_split():
     """The quick recipe's validation images are the world's own "val" split, drawn from --world-seed."""
     recipe = replace(m1.RECIPES["quick"], n_train=64, n_val=32, n_test=32)
@@ -269,6 +278,7 @@ def test_quick_validation_is_the_worlds_val_split():
     assert m1.load_data(replace(recipe, n_val=0), RunContext())[1] is None
 
 
+@pytest.mark.integration
 def test_resume_ignores_the_worlds_n_val(data, tmp_path: Path):
     """On the world n_val names another split, so a resumed run may change it; the loss curve's
     spacing and the control's length may change too (none changes a training batch)."""

@@ -51,6 +51,7 @@ def gates(metrics, profile="quick"):
     return {g.key: g.passes(metrics[g.key], m2.THRESHOLDS[profile][g.key]) for g in m2.MILESTONE.gates}
 
 
+@pytest.mark.integration
 def test_untrained_model_fails_both_gates(data):
     train, test, heldout = data
     tok = impl.tokenizer_train([c for cs in train.captions for c in cs])
@@ -73,6 +74,7 @@ def short_runs(data):
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("bug", ["labels_off_diagonal", "temperature_inverted"])
 def test_planted_bug_fails_both_gates(short_runs, bug):
     good, bad = short_runs["correct"]["metrics"], short_runs[bug]["metrics"]
@@ -102,6 +104,7 @@ def test_full_profile_names_missing_data(tmp_path):
 
 
 # ------------------------------------------------------------------ controls (issue 23)
+@pytest.mark.integration
 def test_controls_fail_every_gate(data, short_runs):
     """The three controls, measured as run() measures them on the honest short run, fail every
     gate on both profiles' thresholds, while that run itself clears the untrained control by far."""
@@ -206,6 +209,7 @@ def planted_symptoms(train, planted, recipe=PLANT):
                             impl=planted)
 
 
+@pytest.mark.integration
 def test_honest_runs_show_no_pitfall(short_runs, plant_train):
     run = short_runs["correct"]
     config = m2.clip_model_config(TINY, run["tok"])
@@ -223,5 +227,6 @@ def test_honest_runs_show_no_pitfall(short_runs, plant_train):
     (ImageToTextOnly, PLANT, {"asymmetric loss (one direction only)"}),
     (type(impl), replace(PLANT, lr=0.0), {"loss flat after warm-up", "temperature stuck at its initial value"}),
 ], ids=["clamp", "frozen", "at_one", "loss_ignores_scale", "one_direction", "lr_zero"])
+@pytest.mark.integration
 def test_planted_pitfall_is_diagnosed(plant_train, planted, recipe, expected):
     assert expected <= diagnosed(planted_symptoms(plant_train, planted(impl.package), recipe))

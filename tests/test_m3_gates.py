@@ -100,6 +100,7 @@ def assert_fails(bleu4, cider):
     assert cider < LIMITS["CIDEr"], f"CIDEr {cider:.3f} clears the gate"
 
 
+@pytest.mark.integration
 def test_untrained_model_fails(world):
     train_split, test = world
     tok = impl.tokenizer_train((c for caps in train_split.captions for c in caps), min_freq=1)
@@ -108,6 +109,7 @@ def test_untrained_model_fails(world):
     assert_fails(*gate_scores(model, tok, test)[:2])
 
 
+@pytest.mark.integration
 def test_controls_fail_both_gates(world, honest):
     """The three controls, measured as run() measures them, each fail both quick gates."""
     model, tok, cfg, _ = honest
@@ -128,6 +130,7 @@ def test_control_captions():
     assert most_frequent_caption([["a b", "c"], ["c", "d"], ["a b", "c"]]) == ("c", 3)
 
 
+@pytest.mark.integration
 def test_honest_run_shows_no_pitfall(world, honest):
     """Even beside failing gates (this run is short), an honest run's symptoms name no pitfall."""
     found, symptoms = diagnosed(honest, world[1], 0.0, 0.0)
@@ -136,6 +139,7 @@ def test_honest_run_shows_no_pitfall(world, honest):
     assert symptoms["loss_drop_after_warmup"] > 0.3
 
 
+@pytest.mark.integration
 def test_causal_mask_removed_fails_and_is_diagnosed(world, tmp_path):
     bug = NoCausalMask("mmsys")
     run = train(RECIPE, world[0], RunContext(out_dir=tmp_path, progress=False), bug)
@@ -155,6 +159,7 @@ def test_causal_mask_removed_fails_and_is_diagnosed(world, tmp_path):
     assert found == {"caption decoder sees future tokens"}, symptoms
 
 
+@pytest.mark.integration
 def test_image_cut_fails_and_is_diagnosed(world, tmp_path):
     blind = Blind("mmsys")
     run = train(RECIPE, world[0], RunContext(out_dir=tmp_path, progress=False), blind)
@@ -165,6 +170,7 @@ def test_image_cut_fails_and_is_diagnosed(world, tmp_path):
     assert found == {"cross-attention ignores the image"}, symptoms
 
 
+@pytest.mark.integration
 def test_learning_rate_zero_fails_and_is_diagnosed(world, tmp_path):
     """lr 0 on a tiny captioner: the loss stays flat after warm-up, and the report says so."""
     tiny = dict(RECIPE.model, enc_dim=32, enc_depth=1, enc_heads=2, dim=32, depth=1, n_heads=2)
@@ -181,6 +187,7 @@ COCO_MINI = shared_data_root() / "coco-mini" if shared_data_root() else None
 
 @pytest.mark.skipif(COCO_MINI is None or not COCO_MINI.is_dir(),
                     reason="shared coco-mini data not found (set MMSYS_SHARED_DATA or place it at ../shared/data)")
+@pytest.mark.integration
 def test_coco_mini_end_to_end(tmp_path):
     """Real COCO images and references: train a few steps, decode, score with pycocoevalcap."""
     ctx = RunContext(profile="full", out_dir=tmp_path, data_root=COCO_MINI, progress=False, smoke=True)

@@ -91,6 +91,7 @@ def test_eps_model_patch_is_a_pixel_rearrangement():
         impl.ddpm_build({**mc, "image_size": 15})
 
 
+@pytest.mark.integration
 def test_generate_is_seeded_and_batch_independent():
     model, s, _ = tiny_model(T=100)
     kw = dict(bf16=False, progress=False)
@@ -108,6 +109,7 @@ def test_generate_is_seeded_and_batch_independent():
     assert impl.diffusion_sampler(impl.diffusion_schedule(), "ddim").timesteps[:2].tolist() == [980, 960]
 
 
+@pytest.mark.integration
 def test_trajectory_and_figures(tmp_path):
     from eval.diffusion_figures import bar_plot, line_plot, sample_grid, trajectory_strip
     model, s, _ = tiny_model(T=100)

@@ -41,6 +41,7 @@ def diagnosed(symptoms: dict) -> set[str]:
     return {p["pitfall"] for p in rows[0].get("likely_pitfalls", [])}
 
 
+@pytest.mark.integration
 def test_planted_pitfalls_are_diagnosed(measured):
     assert diagnosed(measured["honest"]) == set(), measured["honest"]
     assert "eps-MSE not falling" in diagnosed(measured["lr0"]), measured["lr0"]

@@ -119,6 +119,7 @@ def pitfalls_named(rows) -> set[str]:
     return {p["pitfall"] for r in rows for p in r.get("likely_pitfalls", [])}
 
 
+@pytest.mark.integration
 def test_oracle_with_guidance_passes_every_gate(env):
     metrics, passed, rows, _ = measure(oracle(env), env, full=True)
     assert metrics["prompt_match@1"] < 0.4 < 0.7 < metrics["prompt_match"]
@@ -127,6 +128,7 @@ def test_oracle_with_guidance_passes_every_gate(env):
     assert symptoms_of(oracle(env), env, metrics)["eps_condition_gap"] > 1e-2  # the honest case: not diagnosed
 
 
+@pytest.mark.integration
 def test_flipped_guidance_sign_fails(env):
     model = oracle(env)
     sample = m5.sampler_for(model, SMALL.sampling, seed=0)
@@ -140,6 +142,7 @@ def test_flipped_guidance_sign_fails(env):
     assert "guidance sign flipped" in pitfalls_named(rows)
 
 
+@pytest.mark.integration
 def test_untrained_generator_fails(env):
     metrics, passed, rows, _ = measure(tiny_generator(env), env, full=True)
     # the zero-initialised output layer predicts v = 0 for every prompt: v_c = v_u, guidance does nothing
@@ -149,6 +152,7 @@ def test_untrained_generator_fails(env):
     assert "conditional and unconditional predictions equal" in pitfalls_named(rows)
 
 
+@pytest.mark.integration
 def test_every_control_fails_its_gates(env):
     """The controls run() measures (same function), with the oracle standing in for the trained
     model and the tiny generator for the untrained one: each fails every gate it lists."""
@@ -166,6 +170,7 @@ def test_every_control_fails_its_gates(env):
     assert set(m5_checks.SAMPLE_GATES) | {"guidance_gain_sign_p"} <= gated
 
 
+@pytest.mark.integration
 def test_text_conditioning_ignored_is_diagnosed(env):
     """Plant: the U-Net receives the empty prompt's context whatever the prompt (text ignored)."""
     model = oracle(env)
@@ -189,6 +194,7 @@ def _train_tiny(env, tmp_path, lr):
     return m5.train_text2image(recipe, env["train"], env["cond"], env["tok"], RunContext(out_dir=tmp_path, progress=False))
 
 
+@pytest.mark.integration
 def test_learning_rate_zero_is_diagnosed(env, tmp_path):
     """Plant: lr 0 -- the loss curve stays flat; an honest tiny run's loss falls (not diagnosed)."""
     pit = next(p for p in m5.MILESTONE.pitfalls if p.name == "loss flat after warm-up")
@@ -242,6 +248,7 @@ def test_judge_cache_key_covers_code_recipe_and_data(monkeypatch):
     assert jc.cache_key(jc.JudgeRecipe(), 0, split)[0] != base
 
 
+@pytest.mark.integration
 def test_colour_only_control_gets_the_colour_only(env):
     from eval.text2image_controls import colour_only_images
     prompts = env["prompts"]

@@ -48,6 +48,7 @@ def test_right_embeddings_pass_and_embedding_controls_fail(right):
         assert control["a2i_R@10"] < 0.05 and control["zeroshot_top5"] < 0.15  # about chance (0.01, 0.0625)
 
 
+@pytest.mark.integration
 def test_most_frequent_transcript_fails_the_wer_gate():
     train, test = make_split("train", 4000), make_split("test", 1000)
     train_texts = [cs[0] for cs in train.captions]

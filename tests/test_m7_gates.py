@@ -33,6 +33,7 @@ def clustered(labels: torch.Tensor, n_classes: int, noise: float, seed: int) -> 
     return centres[labels] + noise * torch.randn(len(labels), 64, generator=g)
 
 
+@pytest.mark.integration
 def test_right_features_pass_and_every_control_fails(world):
     probe, test = world
     n = len(test.classes)

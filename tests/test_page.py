@@ -101,6 +101,7 @@ def test_an_upload_that_is_not_an_image_or_of_another_size():
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and int(image[0].min()) > 200
 
 
+@pytest.mark.integration
 def test_index_of_another_checkpoint_is_rebuilt_with_a_warning(tmp_path):
     import streamlit as st
     ckpt = untrained_checkpoint(tmp_path / "ck" / "checkpoint.pt", {"dataset": "world", "split": "test", "n": 12})
@@ -132,6 +133,7 @@ def sheet(tmp_path, n=6):
     return tmp_path / "run" / "human_eval", images, prompts, meta
 
 
+@pytest.mark.integration
 def test_human_evaluation_answers_reach_the_grader(tmp_path):
     from milestones import m5_text_to_image as m5
     from milestones.base import RunContext
@@ -183,6 +185,7 @@ def t2i(tmp_path_factory):
     return out / "checkpoint.pt"
 
 
+@pytest.mark.integration
 def test_text_to_image_tab_samples_with_progress(tmp_path, t2i):
     at = page(tmp_path, t2i=t2i)
     at.text_input(key="t2i_prompt").set_value("a red circle on the left")

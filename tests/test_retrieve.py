@@ -27,6 +27,7 @@ def untrained_checkpoint(path: Path, index: dict) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_retrieve_cli_missing_checkpoint_is_clear(tmp_path, repo_env):
     r = subprocess.run([sys.executable, "-m", "apps.retrieve", "a red circle", "--checkpoint",
                         str(tmp_path / "none.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=120,
@@ -38,6 +39,7 @@ def test_retrieve_cli_missing_checkpoint_is_clear(tmp_path, repo_env):
         assert r.returncode == 2 and "python grader.py m2" in r.stderr
 
 
+@pytest.mark.integration
 def test_retrieve_cli_writes_grid(tmp_path):
     ckpt = untrained_checkpoint(tmp_path / "checkpoint.pt", {"dataset": "world", "split": "test", "n": 64})
     out = tmp_path / "grid.png"

@@ -88,6 +88,7 @@ def grade_m1(checkpoint: Path, out: Path, *extra) -> tuple[subprocess.CompletedP
     return r, json.loads(report.read_text()) if report.is_file() else None
 
 
+@pytest.mark.integration
 def test_grader_modules_never_come_from_the_implementation_folder(tmp_path):
     """With a hostile --impl loaded, every grader, milestone and instrument module (and the
     grader's world, checkpoint reader and pixel conversion) is the grader's file; only
@@ -149,6 +150,7 @@ def test_bundled_code_passes_the_same_shape_tests(untrained, tmp_path):
     assert report["gates"][0]["value"] is not None
 
 
+@pytest.mark.integration
 def test_implementation_that_cannot_be_imported_exits_2(tmp_path):
     folder = write(tmp_path / "impl", {"mmsys/__init__.py": "raise ImportError('half-written')\n"})
     r = grader("m1", "--impl", str(folder), "--out", str(tmp_path / "runs"))

@@ -75,6 +75,7 @@ def test_specs_are_fixed_functions_of_seed_split_index():
 
 # ----------------------------------------------------------------------------- with espeak-ng
 
+@pytest.mark.integration
 @needs_espeak
 def test_spoken_split(cache):
     s = S.make_speech_split("val", 6)

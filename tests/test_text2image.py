@@ -123,6 +123,7 @@ def test_text_encoder_frozen_and_token_features(world, clip_tok):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.integration
 def test_conditioning_dropout_rate(world, clip_tok):
     _, tok = clip_tok
     data = impl.text2image_captioned_data(world.images, world.captions, tok, 24, 0.1)
@@ -216,6 +217,7 @@ def test_negative_prompt_replaces_unconditional_branch(clip_tok):
     assert torch.allclose(guided[:, 0, 0, 0], n + 2.0 * (c - n), atol=1e-5)
 
 
+@pytest.mark.integration
 def test_sampler_determinism(clip_tok):
     model = tiny_model(clip_tok, T=40)
     prompts = ["a small red circle on the left", "a large blue square at the top"]

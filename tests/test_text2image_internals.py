@@ -153,6 +153,7 @@ def test_sampling_defaults_defined_once():
 
 
 # ------------------------------------------------------------------------ command lines, human eval
+@pytest.mark.integration
 def test_generate_cli_and_human_eval(world, tok, tmp_path, capsys):
     from dataclasses import replace
 

@@ -5,6 +5,7 @@ Small constructed inputs and untrained models; no training."""
 from dataclasses import replace
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from eval.reference.data.world import make_split
@@ -22,11 +23,13 @@ def image_keys(split) -> set[bytes]:
     return {bytes(x.flatten().tolist()) for x in split.images}
 
 
+@pytest.mark.integration
 def test_world_val_split_is_disjoint_from_test():
     val, test = world_split(CTX, "val", 300), world_split(CTX, "test", 300)
     assert not image_keys(val) & image_keys(test)
 
 
+@pytest.mark.integration
 def test_m2_validates_on_the_val_split():
     train, val = make_split("train", 200), world_split(CTX, "val", 60)
     tok = impl.tokenizer_train([c for cs in train.captions for c in cs])
@@ -39,6 +42,7 @@ def test_m2_validates_on_the_val_split():
     assert m2.RECIPES["quick"].n_val > 0
 
 
+@pytest.mark.integration
 def test_m3_loads_a_val_split_beside_test():
     recipe = replace(m3.RECIPES["quick"], n_train=50, n_val=40, n_test=30)
     train, val, test = m3.load_data(recipe, CTX)
@@ -56,6 +60,7 @@ def test_m4_validation_is_fid_against_val_not_test():
     assert "training images" in m4.validation_record(replace(recipe, data="cifar10"), floor, info)["not_measured"]
 
 
+@pytest.mark.integration
 def test_m5_validation_prompts_come_from_the_val_split():
     seen = {}
 

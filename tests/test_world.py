@@ -4,11 +4,13 @@ These test the grader's own data (:mod:`eval.reference.data.world`), which no im
 supplies, so they carry no milestone marker: graded with ``MMSYS_IMPL`` they would pass
 whatever the implementation holds. They run with the repository's own test suite."""
 
+import pytest
 import torch
 
 from eval.reference.data import world as W
 
 
+@pytest.mark.integration
 def test_deterministic_and_prefix():
     a = W.make_split("train", 300)
     b = W.make_split("train", 1100)
@@ -17,6 +19,7 @@ def test_deterministic_and_prefix():
     assert a.images.dtype == torch.uint8 and a.images.shape == (300, 3, 32, 32)
 
 
+@pytest.mark.integration
 def test_splits_differ():
     a, b = W.make_split("train", 64), W.make_split("test", 64)
     assert not torch.equal(a.images, b.images)
@@ -27,6 +30,7 @@ def test_vocabulary_of_the_world():
     assert len(set(W.HELDOUT)) == 10 and {s for _, s in W.HELDOUT} == set(W.SHAPES)
 
 
+@pytest.mark.integration
 def test_heldout_compositions_never_in_train():
     s = W.make_split("train", 3000)
     sc = s.meta["scenes"]
@@ -80,6 +84,7 @@ def test_object_drawn_where_the_scene_says():
         assert (patch - target).abs().max() < 60, (i, patch, target)
 
 
+@pytest.mark.integration
 def test_labels_balanced():
     s = W.make_split("train", 5000, single=True, captions=False)
     counts = torch.bincount(s.labels, minlength=10)
