@@ -67,12 +67,19 @@ def at_batch(recipe, batch_size: int):
 
 
 def run_all(study: Study, knob: str, seed: int, jobs: int) -> list[dict]:
-    """One row per value of ``knob``, ``jobs`` settings at a time (spawned processes)."""
+    """One row per value of ``knob`` (in the knob's order), ``jobs`` settings at a time (spawned
+    processes); a line is printed as each setting finishes."""
     settings = [(knob, value, seed) for value in study.knobs[knob]]
+    t0, rows = time.perf_counter(), []
+
+    def done(row: dict) -> dict:
+        rows.append(row)
+        print(f"[{len(rows)}/{len(settings)}] {knob} {row['setting']} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return row
     if jobs > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:
-            return pool.map(study.run_setting, settings)
-    return [study.run_setting(s) for s in settings]
+            return [done(r) for r in pool.imap(study.run_setting, settings)]
+    return [done(study.run_setting(s)) for s in settings]
 
 
 def plot(study: Study, knob: str, rows: list[dict], path: Path) -> None:

@@ -56,3 +56,27 @@ def test_ablation_command_refuses_bad_input(tmp_path):
             main(STUDY, argv)
         assert e.value.code == 2
     assert afile.read_text() == "keep"
+
+
+def _fake_setting(args):
+    knob, value, seed = args
+    return {"setting": str(value), "score": value / 10, "steps": 10, "batch_size": 4, "final_loss": None,
+            "train_wall_s": 0.0}
+
+
+def test_ablation_main_writes_table_record_and_plot(tmp_path):
+    import json
+
+    from studies.ablation import FINAL_LOSS, STEPS_X_BATCH, Study, main, metric
+    study = Study(name="mX", module="studies.fake", description="fake", knobs={"k": [1, 2, 3]},
+                  run_setting=_fake_setting, columns=[metric("score", "score", 2), STEPS_X_BATCH, FINAL_LOSS],
+                  plotted=[("score", "score")], ylabel="score", intro=lambda r: f"knob {r['knob']}.",
+                  footer="noise.", default_out=tmp_path)
+    assert main(study, ["k", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "k.md").read_text().splitlines()
+    assert md[0] == "# mX ablation: k" and md[2].endswith("knob k.")
+    assert md[4:7] == ["| setting | score | steps x batch | final loss |", "|---|---|---|---|",
+                       "| 1 | 0.10 | 10 x 4 | - |"]
+    record = json.loads((tmp_path / "k.json").read_text())
+    assert [r["setting"] for r in record["rows"]] == ["1", "2", "3"] and record["command"].startswith("python -m studies.fake k")
+    assert (tmp_path / "k.png").stat().st_size > 1000
