@@ -87,7 +87,7 @@ STUDY = Study(
     plotted=[("val_linear_probe", "linear probe"), ("val_knn_accuracy", "kNN")],
     ylabel="accuracy on the world's val split", intro=intro,
     footer=("One seed per setting: differences under about 0.05 (the quick recipe's linear-probe spread across "
-            "seeds is 0.025 sd, results/calibration/m7.md) are noise."),
+            "seeds is 0.025-0.028 sd, results/calibration/m7.md) are noise."),
     default_out=REPO / "results" / "ssl_ablations")
 
 
