@@ -3,7 +3,7 @@ Chromium (Debian's ``chromium``, through Playwright with ``executable_path``: no
 download). Types a query and checks the top result's caption has the query's colour and shape,
 uploads an image, and records a human-evaluation answer that the grader's human gate reads.
 Screenshots go to ``$MMSYS_SCREENSHOTS`` (default: the test's temporary folder); the README's
-come from this test (``MMSYS_SCREENSHOTS=docs/page python -m pytest tests/test_page_browser.py``).
+come from this test (``MMSYS_SCREENSHOTS=docs/page python -m pytest -m slow tests/test_page_browser.py``).
 
 Skipped, with the reason, where Chromium or Playwright is absent."""
 
