@@ -177,7 +177,7 @@ def main(argv=None) -> int:
               "cpu": device_info("cpu").get("cpu", "?"), "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t_start,
               "args": {k: str(v) for k, v in vars(args).items()}, "results": rows, "figures": figs}
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
-    lines = [f"# MNIST embedding: pair loss vs NT-Xent", "",
+    lines = ["# MNIST embedding: pair loss vs NT-Xent", "",
              f"`{record['command']}` at `{commit}`{' (dirty)' if dirty else ''}, {record['cpu']}, "
              f"{record['torch_threads']} torch threads, {record['wall_s']:.0f} s in all.", "",
              f"Small CNN to 64-d unit vectors, {args.n_train:,} training digits, {args.epochs} epochs of batch "
