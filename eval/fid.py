@@ -143,8 +143,9 @@ class InceptionPool3(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = resize_bilinear_tf1(x, self.input_size)
         x = ((x - 128.0) / 128.0).clamp(-1.0, 1.0)
-        # channels-last: oneDNN's convolutions take ~25 % less CPU time (217 vs 285 ms per image on
-        # one thread, AMD EPYC), features equal to 6e-6 (relative 1e-6)
+        # channels-last: oneDNN's convolutions take a quarter to a third less CPU time (one thread,
+        # AMD EPYC: 233 vs 350 ms per image, `python -m benchmarks.inception_layout` at 735e3fd),
+        # features equal to 6e-6 (relative 1e-6)
         return self.net(x.contiguous(memory_format=torch.channels_last)).double()
 
     def describe(self) -> dict:
