@@ -79,10 +79,36 @@ def library_versions() -> dict:
     return out
 
 
+# The CPU features that pick torch's kernels: with them the float (and above all the bf16)
+# arithmetic differs, so the same seed trains to different weights on, say, an AVX2 and an
+# AVX-512-BF16 machine, and only a CPU with native bf16 trains in bf16 at all
+# (mmsys.optim.native_bf16; measured: m4's FID DDIM-50 151.0 in bf16 on AVX-512-BF16 vs 181.7
+# in float32 on AVX2 at one seed, README and benchmarks/kernel_levels.py).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_isa() -> dict:
+    """``{"capability": torch's CPU kernel level ("AVX2", "AVX512", ...), "flags": the
+    :data:`ISA_FLAGS` this CPU has, "bf16": whether bf16 autocast runs here}``: what a number's
+    reproducibility at a fixed seed depends on."""
+    import torch
+    from mmsys.optim import native_bf16
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "flags": [f for f in ISA_FLAGS if f in flags],
+            "bf16": native_bf16("cpu")}
+
+
 def device_info(device: str) -> dict:
     import torch
     info = {"device": device, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "cpu_isa": cpu_isa()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -151,7 +177,8 @@ def to_markdown(report: dict) -> str:
            f"{' (dirty)' if p['git']['dirty'] else ''}, wall time {p['wall_time_s']:.0f} s"
            f" (CPU {p.get('cpu_time_s', float('nan')):.0f} s, {p.get('torch_threads', '?')} threads"
            f"{f' per rank, {ranks} ranks' if (ranks := p.get('nproc', 1)) > 1 else ''},"
-           f" load {p.get('loadavg_end', ['?'])[0]}) on {p['device'].get('cpu', p['device']['device'])}",
+           f" load {p.get('loadavg_end', ['?'])[0]}) on {p['device'].get('cpu', p['device']['device'])}"
+           f"{f' ({isa})' if (isa := (p['device'].get('cpu_isa') or {}).get('capability')) else ''}",
            "", f"`{p['command']}`", ""]
     if report.get("error"):
         out += [f"**Error:** {report['error']}", ""]

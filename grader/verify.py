@@ -24,8 +24,29 @@ import tempfile
 from pathlib import Path
 
 from grader import EXIT_FAIL, EXIT_PASS, UsageError
+from grader.report import ISA_FLAGS
 
 DEFAULT_TOLERANCE = 1e-3
+
+
+def isa_difference(recorded_device: dict) -> str | None:
+    """A line saying how this CPU's kernel features differ from the recorded run's, or None
+    when they agree. Different features mean different float (above all bf16) kernels: a
+    bf16 sampler's images, and so its metrics, can then move beyond the tolerance."""
+    from grader.report import cpu_isa
+    here, there = cpu_isa(), recorded_device.get("cpu_isa")
+    if there is None:
+        return (f"the report does not record its CPU's kernel features (this machine: {here['capability']}, "
+                f"{' '.join(here['flags']) or 'none of ' + ' '.join(ISA_FLAGS)}); a difference there can move "
+                f"bf16 metrics beyond the tolerance")
+    if there == here:
+        return None
+    def says(isa: dict) -> str:
+        bf16 = {True: ", bf16 autocast", False: ", float32"}.get(isa.get("bf16"), "")
+        return f"{isa['capability']} ({' '.join(isa['flags']) or '-'}{bf16})"
+    return (f"recorded on {says(there)}, re-measured on {says(here)}: other float kernels"
+            f"{' and another number format' if there.get('bf16') != here.get('bf16') else ''}, so metrics can "
+            f"differ beyond the tolerance")
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -187,6 +208,9 @@ def main(argv) -> int:
                                   data_root=data_root, download=False, resume=False, no_progress=args.no_progress)
     print(f"== verify {args.report}: {report['milestone']} {report['profile']} profile, seed {run_args.seed}, "
           f"checkpoint {ckpt} (sha256 {report['checkpoint']['sha256'][:12]}... matches)", flush=True)
+    isa_note = isa_difference(report["provenance"].get("device") or {})
+    if isa_note:
+        print(f"note: {isa_note}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mmsys-verify-") as tmp:
         result = measure(milestone, run_args, Path(tmp), ckpt)
         rows = gate_rows(milestone, result, report["profile"])

@@ -48,7 +48,7 @@ def provenance(module: str, argv, a: argparse.Namespace) -> dict:
     the tree): the command, the commit and whether the tree was dirty, the CPU, one torch thread
     per setting, ``--jobs`` and ``--seed``."""
     from grader.report import device_info, git_state
-    git = git_state(REPO)
+    git, dev = git_state(REPO), device_info("cpu")
     command = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
     return {"command": command.strip(), "commit": git["commit"][:7], "dirty": git["dirty"],
-            "cpu": device_info("cpu").get("cpu", "?"), "torch_threads": 1, "jobs": a.jobs, "seed": a.seed}
+            "cpu": dev.get("cpu", "?"), "cpu_isa": dev["cpu_isa"], "torch_threads": 1, "jobs": a.jobs, "seed": a.seed}

@@ -172,9 +172,11 @@ def main(argv=None) -> int:
         print(f"{loss}: kNN {knn:.4f}, silhouette {sil:.4f}", flush=True)
     scatter_frames(frames, test.labels[:2000], args.out / "training.gif")
     figs = figures(test_emb, test.labels[:2000], args.out, args.seed)
+    device = device_info("cpu")
     record = {"command": "python -m studies.mnist_embedding " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": commit, "dirty": dirty, "machine": platform.processor() or platform.machine(),
-              "cpu": device_info("cpu").get("cpu", "?"), "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t_start,
+              "cpu": device.get("cpu", "?"), "cpu_isa": device["cpu_isa"],
+              "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t_start,
               "args": {k: str(v) for k, v in vars(args).items()}, "results": rows, "figures": figs}
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
     lines = ["# MNIST embedding: pair loss vs NT-Xent", "",

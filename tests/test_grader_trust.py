@@ -294,3 +294,26 @@ def test_a_spec_gate_not_met_is_said_in_the_headline():
                              "libraries": {}}}
     md = to_markdown(report)
     assert "SPEC GATE NOT MET" in md.splitlines()[0] and "**spec gate not met**" in md
+
+
+def test_reports_record_the_cpu_kernel_features_and_verify_names_a_difference():
+    """The same seed trains to other weights on another CPU kernel level (bf16 above all): the
+    report records the level, its header shows it, and verify says when the auditor's differs."""
+    from grader.report import ISA_FLAGS, cpu_isa, device_info
+    from grader.verify import isa_difference
+    here = device_info("cpu")["cpu_isa"]
+    assert here == cpu_isa() and here["capability"] and set(here["flags"]) <= set(ISA_FLAGS)
+    assert isa_difference({"cpu_isa": here}) is None
+    assert isinstance(here["bf16"], bool)
+    other = {"capability": "AVX512" if here["capability"] != "AVX512" else "AVX2", "flags": ["avx512_bf16"],
+             "bf16": not here["bf16"]}
+    note = isa_difference({"cpu_isa": other})
+    assert f"recorded on {other['capability']} (avx512_bf16, " in note and f"re-measured on {here['capability']}" in note
+    assert "another number format" in note
+    assert "does not record" in isa_difference({"device": "cpu"})
+    report = {"milestone": "toy", "title": "t", "profile": "quick", "gates": [], "controls": [], "tests": TESTS_OK,
+              "criteria": [], "status": "pass", "error": None,
+              "provenance": {"seed": 0, "git": {"commit": "abc" * 5, "dirty": False}, "wall_time_s": 1.0,
+                             "device": {"device": "cpu", "cpu": "AMD EPYC", "cpu_isa": other}, "command": "c",
+                             "environment": {}, "network": {"statement": "offline"}, "libraries": {}, "segments": []}}
+    assert f"on AMD EPYC ({other['capability']})" in to_markdown(report)
