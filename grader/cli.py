@@ -161,8 +161,8 @@ def check_usage(args: argparse.Namespace) -> list[str]:
     if args.nproc < 1:
         raise UsageError(f"--nproc {args.nproc}: give a number of processes >= 1")
     if args.nproc > 1 and len(ids) > 1:
-        raise UsageError(f"--nproc spreads one milestone's training over processes: name one milestone "
-                         f"(grade several at once with 'all --jobs N')")
+        raise UsageError("--nproc spreads one milestone's training over processes: name one milestone "
+                         "(grade several at once with 'all --jobs N')")
     if args.nproc > 1 and args.checkpoint:
         raise UsageError("--nproc spreads training; --checkpoint evaluates without training: drop --nproc")
     check_device(args.device)
