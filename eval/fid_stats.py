@@ -11,9 +11,12 @@ on a CPU (TF-2015 Inception at 299x299 costs ~0.3 s per image on one thread). He
   (``torchmetrics.image.fid._compute_fid``: ``||mu1-mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2))``),
   so a value equals :func:`eval.fid.fid` on the same images (tests/test_eval_fid_stats.py); the
   trace term from a low-rank factor when a set has fewer samples than features (fast and exact);
-- :func:`real_features`: the features of a real image set, cached on disk under
-  ``cache_dir("fid-features")`` keyed by the images' sha256 and the extractor's identity (its
-  ``describe()``, which names the weights' sha256), so the reference costs once per machine.
+- :func:`real_features`: the features of a real image set, keyed by the images' sha256 and the
+  extractor's identity (:func:`extractor_identity`: its ``describe()``, which names the weights'
+  sha256), found in the repository's shipped store (``eval/shipped_features/``: the embedded
+  world's default Inception sets, :mod:`benchmarks.shipped_features`) or the machine's cache
+  (``cache_dir("fid-features")``), else computed and cached: a reference costs once per machine
+  at most, and nothing on a fresh checkout of the default.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -91,23 +95,64 @@ def images_digest(images: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def real_features(images: torch.Tensor, module: nn.Module, cache: bool = True) -> tuple[torch.Tensor, dict]:
-    """The features ``(N, F)`` float64 of a real image set under ``module``, cached on disk
-    (features rather than statistics, so any prefix of the set is free: FIDs at several counts).
+# The repository's read-only store of real features (float32, as the extractors compute them),
+# with MANIFEST.json: per key, the image set, the file's sha256 and where it was made.
+SHIPPED = Path(__file__).resolve().parent / "shipped_features"
+MANIFEST = SHIPPED / "MANIFEST.json"
 
-    Key: sha256 of (images digest, ``module.describe()`` as sorted JSON). File
-    ``cache_dir("fid-features")/<key>.pt`` (atomic write). Returns ``(features, info {key,
-    cached, path})``."""
-    from eval.reference.data.paths import atomic_torch_save, cache_dir
+
+def extractor_identity(module: nn.Module) -> dict:
+    """What an extractor computes: its ``describe()`` without ``"file"`` (where its weights lie on
+    this machine; their sha256 is what identifies them), so a key is the same on every machine."""
     ident = module.describe() if hasattr(module, "describe") else {"name": type(module).__name__}
-    key = hashlib.sha256(json.dumps({"images": images_digest(images), "extractor": ident},
-                                    sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return {k: v for k, v in ident.items() if k != "file"}
+
+
+def feature_key(images: torch.Tensor, module: nn.Module) -> str:
+    """The 24-hex key of ``module``'s features of ``images``: sha256 of (the images' digest, the
+    extractor's identity as sorted JSON)."""
+    return hashlib.sha256(json.dumps({"images": images_digest(images), "extractor": extractor_identity(module)},
+                                     sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def shipped(key: str, n: int) -> tuple[torch.Tensor | None, str | None]:
+    """The shipped features of ``key`` when there are ``n`` of them and the file is the one the
+    manifest names (sha256), else ``(None, why not)`` (``why`` None when nothing is shipped)."""
+    from eval.fid import file_digest
+    path = SHIPPED / f"{key}.pt"
+    if not path.is_file():
+        return None, None
+    entry = json.loads(MANIFEST.read_text()).get(key) if MANIFEST.is_file() else None
+    if entry is None or file_digest(path) != entry["file_sha256"]:
+        return None, f"{path.name} is not the file MANIFEST.json names (sha256): recomputed"
+    feats = torch.load(path, map_location="cpu", weights_only=True)["feats"]
+    if feats.shape[0] != n:
+        return None, f"{path.name} holds {feats.shape[0]} features, {n} images asked: recomputed"
+    return feats.double(), None
+
+
+def real_features(images: torch.Tensor, module: nn.Module, cache: bool = True) -> tuple[torch.Tensor, dict]:
+    """The features ``(N, F)`` float64 of a real image set under ``module`` (features rather than
+    statistics, so any prefix of the set is free: FIDs at several counts).
+
+    Looked up by :func:`feature_key` in the shipped store, then in ``cache_dir("fid-features")``;
+    else computed and cached there (atomic write). ``cache=False``: always computed, nothing
+    read or written. Returns ``(features, info {key, source: "shipped" | "cached" | "computed",
+    path[, shipped_rejected]})``."""
+    from eval.reference.data.paths import atomic_torch_save, cache_dir
+    key, info = feature_key(images, module), {}
+    if cache:
+        feats, rejected = shipped(key, len(images))
+        if feats is not None:
+            return feats, {"key": key, "source": "shipped", "path": str(SHIPPED / f"{key}.pt")}
+        if rejected:
+            info["shipped_rejected"] = rejected
     path = cache_dir("fid-features") / f"{key}.pt" if cache else None
     if path is not None and path.is_file():
         d = torch.load(path, map_location="cpu", weights_only=True)
         if d["feats"].shape[0] == len(images):
-            return d["feats"], {"key": key, "cached": True, "path": str(path)}
+            return d["feats"], {"key": key, "source": "cached", "path": str(path), **info}
     feats = features(images, module)
     if path is not None:
-        atomic_torch_save({"feats": feats, "extractor": json.dumps(ident, default=str)}, path)
-    return feats, {"key": key, "cached": False, "path": str(path) if path else None}
+        atomic_torch_save({"feats": feats, "extractor": json.dumps(extractor_identity(module), default=str)}, path)
+    return feats, {"key": key, "source": "computed", "path": str(path) if path else None, **info}

@@ -163,6 +163,11 @@ def validation_record(recipe, floor, info: dict) -> dict:
 
 
 # ------------------------------------------------------------------ data
+def floor_count(recipe: M4Recipe) -> int:
+    """Floor images whose features a run needs: as many as its largest sample set."""
+    return max(recipe.n_ddim, recipe.n_ddpm, recipe.n_control, recipe.n_control_ddpm)
+
+
 def load_data(recipe: M4Recipe, ctx: RunContext):
     """(train, reference, floor) DataSplits: the reference is the test split; the floor set is a
     disjoint real split of the same distribution (world val; CIFAR-10: the last train images)."""
@@ -399,7 +404,7 @@ class M4(Milestone):
         recipe, smoke, th = self.recipe(ctx), ctx.smoke, self.thresholds[ctx.profile]
         t_start = time.perf_counter()
         train_split, ref, floor = load_data(recipe, ctx)
-        n_floor = max(recipe.n_ddim, recipe.n_ddpm, recipe.n_control, recipe.n_control_ddpm)
+        n_floor = floor_count(recipe)
         spaces = mm.feature_spaces(recipe, ref.images, floor.images, n_floor, ctx.progress)
         ctx.log(f"data: {train_split.name} {len(train_split)}, reference {ref.name} {len(ref)}, floor {floor.name} "
                 f"{len(floor)} ({time.perf_counter() - t_start:.0f} s incl. the FID extractors and reference statistics)")

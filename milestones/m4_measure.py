@@ -62,11 +62,18 @@ class Space:
         return self.fid(self.floor[:n])
 
 
+def inception_images(recipe, ref_images: torch.Tensor, floor_images: torch.Tensor,
+                     n_floor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real sets Inception features are taken of: the first ``recipe.n_ref_inception``
+    reference images (all if None) and the first ``n_floor`` floor images (uint8 ``(N, 3, H, W)``)."""
+    return ref_images[:recipe.n_ref_inception], floor_images[:n_floor]
+
+
 def feature_spaces(recipe, ref_images: torch.Tensor, floor_images: torch.Tensor, n_floor: int,
                    progress: bool = True) -> dict[str, Space]:
     """The recipe's spaces (``recipe.spaces``), each with the reference statistics and the first
-    ``n_floor`` floor images' features (both cached on disk). Inception's reference is the first
-    ``recipe.n_ref_inception`` images of ``ref_images`` (all if None)."""
+    ``n_floor`` floor images' features (shipped, or cached on disk: :func:`eval.fid_stats.real_features`).
+    Inception's sets are :func:`inception_images`."""
     from eval.fid import FeatureAdapter, FeatureExtractorMissing, InceptionPool3
     out = {}
     for name in recipe.spaces:
@@ -75,18 +82,20 @@ def feature_spaces(recipe, ref_images: torch.Tensor, floor_images: torch.Tensor,
                 module = InceptionPool3()
             except FeatureExtractorMissing as e:  # exit 2 with one line, like missing data
                 raise DataMissingError(f"m4: {e}") from e
-            images, info = ref_images[:recipe.n_ref_inception], {"extractor": module.describe()}
+            images, floor = inception_images(recipe, ref_images, floor_images, n_floor)
+            info = {"extractor": module.describe()}
         elif name == "attributes":
             from eval.attributes import AttributeFeatures, load_or_train
             judge, jinfo = load_or_train(progress=progress)
             module = FeatureAdapter(AttributeFeatures(judge), judge.num_features,
                                     name=f"AttributeNet-{jinfo['recipe_hash']} penultimate ({judge.num_features}-d)")
-            images, info = ref_images, {"extractor": module.describe(), "judge": jinfo}
+            images, floor = ref_images, floor_images[:n_floor]
+            info = {"extractor": module.describe(), "judge": jinfo}
         else:
             raise ValueError(f"unknown feature space {name!r}")
         t0 = time.perf_counter()
         ref_feats, rinfo = real_features(images, module)
-        floor_feats, finfo = real_features(floor_images[:n_floor], module)
+        floor_feats, finfo = real_features(floor, module)
         info.update(n_ref=len(images), n_floor=n_floor, ref_features=rinfo, floor_features=finfo,
                     real_features_s=time.perf_counter() - t0)
         out[name] = Space(name, module, Stats.of(ref_feats), floor_feats, info)
