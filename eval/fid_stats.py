@@ -124,10 +124,10 @@ def shipped(key: str, n: int) -> tuple[torch.Tensor | None, str | None]:
         return None, None
     entry = json.loads(MANIFEST.read_text()).get(key) if MANIFEST.is_file() else None
     if entry is None or file_digest(path) != entry["file_sha256"]:
-        return None, f"{path.name} is not the file MANIFEST.json names (sha256): recomputed"
+        return None, f"{path.name} is not the file MANIFEST.json names (sha256): not read"
     feats = torch.load(path, map_location="cpu", weights_only=True)["feats"]
     if feats.shape[0] != n:
-        return None, f"{path.name} holds {feats.shape[0]} features, {n} images asked: recomputed"
+        return None, f"{path.name} holds {feats.shape[0]} features, {n} images asked: not read"
     return feats.double(), None
 
 
