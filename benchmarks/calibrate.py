@@ -5,12 +5,16 @@
     python -m benchmarks.calibrate m1 --collect-only  rebuild the tables from runs already made
     python -m benchmarks.calibrate m4 --pairs 1,1 2,2 run only these (seed, world seed) pairs, then
                                                       tabulate every run of PAIRS found
+    python -m benchmarks.calibrate m4 --tag float32   another kind of machine's calibration, kept
+                                                      apart: runs, table and copies named m4-float32
 
 Each run is ``grader.py MID --seed S --world-seed W`` (training seed and world seed both differ),
 into ``runs/calibration/MID/sS-wW/``; its report.json and report.md are copied to
 ``results/calibration/runs/``. The table ``results/calibration/MID.md`` (and ``.json``) lists,
 per gate, every honest run's value and every control's, the worst honest run, the best control,
-the threshold in force and its margins to both. The rule for a threshold: it lies beyond the
+the threshold in force and its margins to both, and the CPU each run trained on (torch's kernel
+level and whether it has native bf16: a recipe that asks for bf16 trains in float32 without it,
+and the two need not agree, results/calibration/m4-float32.md). The rule for a threshold: it lies beyond the
 best control and below the worst honest run by at least ``margin = max(SIGMAS x the honest
 runs' standard deviation, REL x |worst honest|)`` (a gate's spread across seeds, and a floor for
 when three runs happen to agree); the 'suggested' column is ``worst honest - margin`` (in the
@@ -60,38 +64,43 @@ def running_pids() -> list[int]:
     return live
 
 
-def run_folder(mid: str, seed: int, world: int) -> Path:
-    return RUNS / mid / f"s{seed}-w{world}"
+def table_name(mid: str, tag: str | None = None) -> str:
+    """``MID`` or ``MID-TAG``: the name of a calibration's runs folder, table and report copies."""
+    return f"{mid}-{tag}" if tag else mid
 
 
-def command(mid: str, seed: int, world: int) -> list[str]:
+def run_folder(mid: str, seed: int, world: int, tag: str | None = None) -> Path:
+    return RUNS / table_name(mid, tag) / f"s{seed}-w{world}"
+
+
+def command(mid: str, seed: int, world: int, tag: str | None = None) -> list[str]:
     return [sys.executable, str(REPO / "grader.py"), mid, "--seed", str(seed), "--world-seed", str(world),
-            "--out", str(run_folder(mid, seed, world)), "--no-progress", "--skip-tests"]
+            "--out", str(run_folder(mid, seed, world, tag)), "--no-progress", "--skip-tests"]
 
 
-def run_all(jobs: list[tuple[str, int, int]], parallel: int) -> None:
+def run_all(jobs: list[tuple[str, int, int]], parallel: int, tag: str | None = None) -> None:
     """Run the grader for each (mid, seed, world) not yet graded, ``parallel`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     lock = RUNS / ".running" / str(os.getpid())
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
     try:
-        _run_jobs(jobs, parallel, env)
+        _run_jobs(jobs, parallel, env, tag)
     finally:
         lock.unlink(missing_ok=True)
 
 
-def _run_jobs(jobs: list[tuple[str, int, int]], parallel: int, env: dict) -> None:
-    todo = [j for j in jobs if not (run_folder(*j) / j[0] / "report.json").exists()]
+def _run_jobs(jobs: list[tuple[str, int, int]], parallel: int, env: dict, tag: str | None) -> None:
+    todo = [j for j in jobs if not (run_folder(*j, tag) / j[0] / "report.json").exists()]
     running: list[tuple[subprocess.Popen, tuple, float]] = []
     while todo or running:
         while todo and len(running) < parallel:
             job = todo.pop(0)
-            folder = run_folder(*job)
+            folder = run_folder(*job, tag)
             shutil.rmtree(folder, ignore_errors=True)  # an interrupted run: start it again
             folder.mkdir(parents=True)
             log = open(folder.with_suffix(".log"), "w")
-            running.append((subprocess.Popen(command(*job), stdout=log, stderr=subprocess.STDOUT, env=env), job, time.time()))
+            running.append((subprocess.Popen(command(*job, tag), stdout=log, stderr=subprocess.STDOUT, env=env), job, time.time()))
             print(f"== {job[0]} seed {job[1]} world {job[2]}: started", flush=True)
         time.sleep(5)
         for item in list(running):
@@ -102,7 +111,16 @@ def _run_jobs(jobs: list[tuple[str, int, int]], parallel: int, env: dict) -> Non
                       flush=True)
 
 
-def collect(mid: str, pairs=PAIRS) -> dict:
+def cpu_of(report: dict) -> str | None:
+    """The CPU a run trained on, as the table shows it ("AVX2, no native bf16"); None for a
+    report made before reports recorded it."""
+    isa = report["provenance"].get("device", {}).get("cpu_isa")
+    if not isa:
+        return None
+    return f"{isa['capability']}, {'native bf16' if isa['bf16'] else 'no native bf16'}"
+
+
+def collect(mid: str, pairs=PAIRS, tag: str | None = None) -> dict:
     """The calibration table of ``mid`` from its runs' reports (refused with
     :class:`CalibrationBusy` while calibration runs are in progress)."""
     from milestones import load
@@ -113,16 +131,17 @@ def collect(mid: str, pairs=PAIRS) -> dict:
     m = load(mid)
     runs = []
     for seed, world in pairs:
-        path = run_folder(mid, seed, world) / mid / "report.json"
+        path = run_folder(mid, seed, world, tag) / mid / "report.json"
         if not path.exists():
             continue
         r = json.loads(path.read_text())
         runs.append({"seed": seed, "world_seed": world, "status": r["status"], "commit": r["provenance"]["git"]["commit"],
                      "dirty": r["provenance"]["git"]["dirty"], "wall_time_s": r["provenance"]["wall_time_s"],
+                     "cpu": cpu_of(r),
                      "gates": {g["gate"]: g["value"] for g in r["gates"]},
                      "controls": [{"control": c["control"], "gate": c["gate"], "value": c["value"]}
                                   for c in r.get("controls", [])]})
-        dest = RESULTS / "runs" / mid / f"s{seed}-w{world}"
+        dest = RESULTS / "runs" / table_name(mid, tag) / f"s{seed}-w{world}"
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("report.json", "report.md"):
             shutil.copy2(path.parent / name, dest / name)
@@ -149,7 +168,7 @@ def collect(mid: str, pairs=PAIRS) -> dict:
                            margin_below_worst_sd=below / sd if sd and sd == sd else None,
                            threshold_ok=below >= margin and above > 0)
         gates.append(row)
-    return {"milestone": mid, "pairs": [list(p) for p in pairs], "margin_rule": {"sigmas": SIGMAS, "relative": REL},
+    return {"milestone": mid, "tag": tag, "pairs": [list(p) for p in pairs], "margin_rule": {"sigmas": SIGMAS, "relative": REL},
             "runs": runs, "gates": gates}
 
 
@@ -157,14 +176,15 @@ def to_markdown(table: dict) -> str:
     def f(v):
         return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
     runs = table["runs"]
-    out = [f"# Calibration of {table['milestone']} (quick profile)", "",
-           f"Made by `python -m benchmarks.calibrate {table['milestone']}`: {len(runs)} honest runs, training seed and "
+    mid, tag = table["milestone"], table.get("tag")
+    out = [f"# Calibration of {mid} (quick profile){f', {tag}' if tag else ''}", "",
+           f"Made by `python -m benchmarks.calibrate {mid}{f' --tag {tag}' if tag else ''}`: {len(runs)} honest runs, training seed and "
            f"world seed both varied; every control measured in each run with its gate's protocol. Rule: a threshold "
            f"lies beyond the best control and at least margin = max({SIGMAS:g} sd of the honest runs, {REL:.0%} of the "
            f"worst honest value) below the worst honest run; 'suggested' = worst honest - margin.", "",
-           "| run (seed, world seed) | status | commit | wall time |", "|---|---|---|---|"]
+           "| run (seed, world seed) | status | commit | wall time | CPU |", "|---|---|---|---|---|"]
     out += [f"| ({r['seed']}, {r['world_seed']}) | {r['status']} | `{r['commit'][:12]}`{' (dirty)' if r['dirty'] else ''} | "
-            f"{r['wall_time_s']:.0f} s |" for r in runs]
+            f"{r['wall_time_s']:.0f} s | {r.get('cpu') or 'not recorded'} |" for r in runs]
     out += ["", "| gate | honest runs | sd | best control | threshold | below worst honest (sd) | above best control | "
             "suggested | rule met |", "|---|---|---|---|---|---|---|---|---|"]
     for g in table["gates"]:
@@ -197,19 +217,24 @@ def main(argv=None) -> int:
     p.add_argument("--collect-only", action="store_true", help="only rebuild the tables from existing runs")
     p.add_argument("--pairs", nargs="+", type=pair, default=list(PAIRS), metavar="S,W",
                    help="the (seed, world seed) pairs to run, of " + " ".join(f"{s},{w}" for s, w in PAIRS))
+    p.add_argument("--tag", help="name this calibration MID-TAG (runs, table, report copies): another kind of "
+                                 "machine's, kept apart from MID's (e.g. float32)")
     args = p.parse_args(argv)
+    if args.tag is not None and not args.tag.replace("-", "").isalnum():
+        print(f"calibrate: error: --tag {args.tag!r}: use letters, digits and '-' (it names files)", file=sys.stderr)
+        return 2
     if not args.collect_only:
-        run_all([(mid, s, w) for mid in args.milestones for s, w in args.pairs], args.jobs)
+        run_all([(mid, s, w) for mid in args.milestones for s, w in args.pairs], args.jobs, args.tag)
     try:
-        tables = [collect(mid) for mid in args.milestones]
+        tables = [collect(mid, tag=args.tag) for mid in args.milestones]
     except CalibrationBusy as e:
         print(f"calibrate: error: {e}", file=sys.stderr)
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
     for table in tables:
-        mid = table["milestone"]
-        (RESULTS / f"{mid}.json").write_text(json.dumps(table, indent=2))
-        (RESULTS / f"{mid}.md").write_text(to_markdown(table))
+        name = table_name(table["milestone"], table["tag"])
+        (RESULTS / f"{name}.json").write_text(json.dumps(table, indent=2))
+        (RESULTS / f"{name}.md").write_text(to_markdown(table))
         print(to_markdown(table))
     return 0
 

@@ -212,6 +212,33 @@ def test_calibration_table_from_runs(tmp_path, monkeypatch):
     assert (tmp_path / "results" / "runs" / "m1" / "s1-w1" / "report.json").exists()
 
 
+def test_a_tagged_calibration_is_kept_apart_and_names_each_runs_cpu(tmp_path, monkeypatch, capsys):
+    """--tag float32: another kind of machine's runs, table and report copies are MID-TAG, never
+    MID's; the table names the CPU each run trained on (or that its report did not record it)."""
+    import benchmarks.calibrate as cal
+    monkeypatch.setattr(cal, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(cal, "RESULTS", tmp_path / "results")
+    for i, (seed, world) in enumerate(cal.PAIRS):
+        folder = cal.run_folder("m1", seed, world, "float32") / "m1"
+        folder.mkdir(parents=True)
+        device = {"cpu_isa": {"capability": "AVX2", "flags": ["avx2"], "bf16": False}} if i else {}
+        report = {"status": "pass", "gates": [{"gate": "test_accuracy", "value": 0.95}], "controls": [],
+                  "provenance": {"git": {"commit": "c" * 40, "dirty": False}, "wall_time_s": 100.0, "device": device}}
+        (folder / "report.json").write_text(json.dumps(report))
+        (folder / "report.md").write_text("# report")
+    assert cal.main(["m1", "--collect-only", "--tag", "float32"]) == 0
+    md = (tmp_path / "results" / "m1-float32.md").read_text()
+    assert md.startswith("# Calibration of m1 (quick profile), float32") and "--tag float32" in md
+    assert "| (0, 0) | pass | `cccccccccccc` | 100 s | not recorded |" in md
+    assert "| (1, 1) | pass | `cccccccccccc` | 100 s | AVX2, no native bf16 |" in md
+    assert (tmp_path / "results" / "runs" / "m1-float32" / "s2-w2" / "report.md").exists()
+    assert not (tmp_path / "results" / "m1.md").exists() and not (tmp_path / "results" / "runs" / "m1").exists()
+    capsys.readouterr()
+    assert cal.main(["m1", "--collect-only", "--tag", "../x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tag" in err[0] and not (tmp_path / "x.md").exists()
+
+
 def test_calibration_tables_wait_for_runs_in_progress(tmp_path, monkeypatch, capsys):
     """Tables written while calibration runs are alive would make those runs' reports dirty: a
     live lock refuses (exit 2, one line), a stale one (dead pid) is removed and collection runs."""
