@@ -62,7 +62,8 @@ THRESHOLDS = {
     # Those runs trained in bf16 (AVX-512-BF16 CPUs). In float32 (an AVX2 CPU, at bf9abec:
     #   results/calibration/m4-float32.md) fid_ddim50 181.7 / 248.4 / 133.9 and fid_ddpm 128.7 /
     #   192.1 / 112.3: run (1,1) fails both, and no threshold meets the rule there (248.4 lies
-    #   within its margin of the best control, 262.6). Unchanged: the recipe is what must change.
+    #   within its margin of the best control, 262.6). Unchanged: the recipe is what must change
+    #   (results/m4-recipe-float32: 2,000 steps pass (1,1) at 147.2 / 125.8; lr 1e-3 does not).
     "quick": {"fid_ddim50": 200.0,   # eta 0, 400 samples vs 500 world test images
               "fid_ddpm": 180.0,     # 100 samples vs the same 500
               "ddim_vs_ddpm_fid_rel_diff": 0.20,  # conditioned on the FID gates (m4_measure.conditioned)
