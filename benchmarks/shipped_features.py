@@ -31,6 +31,7 @@ import json
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -51,8 +52,6 @@ def default_sets() -> dict[str, torch.Tensor]:
 
 
 def made_where() -> dict:
-    from pathlib import Path
-
     from grader.report import cpu_isa, git_state
     git = git_state(Path(__file__).resolve().parents[1])
     code_changed = [p for p in git["changed"] + git["untracked"] if not p.startswith("eval/shipped_features/")]
@@ -69,8 +68,9 @@ def write(sets: dict, module) -> None:
         key = fs.feature_key(images, module)
         print(f"{label}: {len(images)} images, key {key} ...", flush=True)
         path = fs.SHIPPED / f"{key}.pt"
-        torch.save({"feats": fs.features(images, module).float(), "images_sha256": fs.images_digest(images)}, path)
-        manifest[key] = {"set": label, "n": len(images), "images_sha256": fs.images_digest(images),
+        digest = fs.images_digest(images)
+        torch.save({"feats": fs.features(images, module).float(), "images_sha256": digest}, path)
+        manifest[key] = {"set": label, "n": len(images), "images_sha256": digest,
                          "extractor": fs.extractor_identity(module), "file_sha256": file_digest(path),
                          "made": made_where()}
     for stale in set(p.stem for p in fs.SHIPPED.glob("*.pt")) - set(manifest):
@@ -84,20 +84,25 @@ def check(sets: dict, module) -> bool:
     from eval import fid_stats as fs
     ok = True
     for label, images in sets.items():
+        t0 = time.perf_counter()
         key = fs.feature_key(images, module)
         shipped, rejected = fs.shipped(key, len(images))
+        read_s = time.perf_counter() - t0
         if shipped is None:
             print(f"FAIL {label}: key {key} not shipped ({rejected or 'no such file'}): "
                   "run python -m benchmarks.shipped_features --write")
             ok = False
             continue
+        t0 = time.perf_counter()
         fresh = fs.features(images, module)
+        compute_s = time.perf_counter() - t0
         diff = float((fresh - shipped).abs().max())
         dist = fs.frechet(fs.Stats.of(fresh), fs.Stats.of(shipped))
         good = diff <= MAX_ABS and dist <= MAX_FID
         ok &= good
         print(f"{'ok  ' if good else 'FAIL'} {label}: max |feature difference| {diff:.2e} (<= {MAX_ABS:g}), "
-              f"Frechet distance {dist:.2e} (<= {MAX_FID:g})")
+              f"Frechet distance {dist:.2e} (<= {MAX_FID:g}); read from the store {read_s:.3f} s (key and "
+              f"sha256 check included), computed {compute_s:.0f} s")
     return ok
 
 
