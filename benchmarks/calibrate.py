@@ -14,8 +14,8 @@ into ``runs/calibration/MID/sS-wW/``; its report.json and report.md are copied t
 per gate, every honest run's value and every control's, the worst honest run, the best control,
 the threshold in force and its margins to both, and the CPU each run trained on (torch's kernel
 level and whether it has native bf16: a recipe that asks for bf16 trains in float32 without it,
-and the two need not agree, results/calibration/m4-float32.md). The rule for a threshold: it lies beyond the
-best control and below the worst honest run by at least ``margin = max(SIGMAS x the honest
+and the two need not agree, results/calibration/m4-float32.md). The rule for a threshold: it
+lies beyond the best control and below the worst honest run by at least ``margin = max(SIGMAS x the honest
 runs' standard deviation, REL x |worst honest|)`` (a gate's spread across seeds, and a floor for
 when three runs happen to agree); the 'suggested' column is ``worst honest - margin`` (in the
 gate's direction). Moving a threshold is a commit that cites this table.
