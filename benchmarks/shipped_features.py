@@ -7,10 +7,11 @@
 Which sets: m4's quick recipe at world seed 0 (what CI and a learner's default run grade), the
 two Inception sets of :func:`milestones.m4_measure.inception_images`: the first 500 world test
 images (FID's reference) and the first 400 val images (the floor). On one CPU thread their
-features cost 239 s (``--check`` on a 2-core AMD EPYC, AVX2, at 0d5e6e7; read from the store:
-0.09 s), each time a machine's cache is cold: a fresh checkout, CI, an auditor's clone. Shipped, :func:`eval.fid_stats.real_features`
-reads them by key (images' sha256 + the extractor's identity, which names the weights' sha256);
-a run with other images or weights misses the key and computes its own. Each report says where
+features cost 233 s (``--check`` on a 2-core AMD EPYC, AVX2, at 4e04ac6; read from the store:
+0.085 s), each time a machine's cache is cold: a fresh checkout, CI, an auditor's clone.
+Shipped, :func:`eval.fid_stats.real_features` reads them by key (images' sha256 + the
+extractor's identity, which names the weights' sha256); a run with other images or weights
+misses the key and computes its own. Each report says where
 its features came from (``source``: shipped, cached or computed).
 
 The files hold float32, what the network computes (lossless). ``MANIFEST.json`` names, per key,
