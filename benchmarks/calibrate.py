@@ -7,6 +7,10 @@
                                                       tabulate every run of PAIRS found
     python -m benchmarks.calibrate m4 --tag float32   another kind of machine's calibration, kept
                                                       apart: runs, table and copies named m4-float32
+    python -m benchmarks.calibrate m4 --precision float32
+                                                      graded with --precision float32 (never bf16):
+                                                      a float32-only CPU's numbers on any CPU, tagged
+                                                      float32
 
 Each run is ``grader.py MID --seed S --world-seed W`` (training seed and world seed both differ),
 into ``runs/calibration/MID/sS-wW/``; its report.json and report.md are copied to
@@ -73,24 +77,24 @@ def run_folder(mid: str, seed: int, world: int, tag: str | None = None) -> Path:
     return RUNS / table_name(mid, tag) / f"s{seed}-w{world}"
 
 
-def command(mid: str, seed: int, world: int, tag: str | None = None) -> list[str]:
+def command(mid: str, seed: int, world: int, tag: str | None = None, precision: str = "auto") -> list[str]:
     return [sys.executable, str(REPO / "grader.py"), mid, "--seed", str(seed), "--world-seed", str(world),
-            "--out", str(run_folder(mid, seed, world, tag)), "--no-progress", "--skip-tests"]
+            "--out", str(run_folder(mid, seed, world, tag)), "--no-progress", "--skip-tests", "--precision", precision]
 
 
-def run_all(jobs: list[tuple[str, int, int]], parallel: int, tag: str | None = None) -> None:
+def run_all(jobs: list[tuple[str, int, int]], parallel: int, tag: str | None = None, precision: str = "auto") -> None:
     """Run the grader for each (mid, seed, world) not yet graded, ``parallel`` at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     lock = RUNS / ".running" / str(os.getpid())
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
     try:
-        _run_jobs(jobs, parallel, env, tag)
+        _run_jobs(jobs, parallel, env, tag, precision)
     finally:
         lock.unlink(missing_ok=True)
 
 
-def _run_jobs(jobs: list[tuple[str, int, int]], parallel: int, env: dict, tag: str | None) -> None:
+def _run_jobs(jobs: list[tuple[str, int, int]], parallel: int, env: dict, tag: str | None, precision: str) -> None:
     todo = [j for j in jobs if not (run_folder(*j, tag) / j[0] / "report.json").exists()]
     running: list[tuple[subprocess.Popen, tuple, float]] = []
     while todo or running:
@@ -100,7 +104,7 @@ def _run_jobs(jobs: list[tuple[str, int, int]], parallel: int, env: dict, tag: s
             shutil.rmtree(folder, ignore_errors=True)  # an interrupted run: start it again
             folder.mkdir(parents=True)
             log = open(folder.with_suffix(".log"), "w")
-            running.append((subprocess.Popen(command(*job, tag), stdout=log, stderr=subprocess.STDOUT, env=env), job, time.time()))
+            running.append((subprocess.Popen(command(*job, tag, precision), stdout=log, stderr=subprocess.STDOUT, env=env), job, time.time()))
             print(f"== {job[0]} seed {job[1]} world {job[2]}: started", flush=True)
         time.sleep(5)
         for item in list(running):
@@ -117,10 +121,11 @@ def cpu_of(report: dict) -> str | None:
     isa = report["provenance"].get("device", {}).get("cpu_isa")
     if not isa:
         return None
-    return f"{isa['capability']}, {'native bf16' if isa['bf16'] else 'no native bf16'}"
+    forced = report["provenance"].get("options", {}).get("precision") == "float32"
+    return f"{isa['capability']}, {'native bf16' if isa['bf16'] else 'no native bf16'}" + (", float32 forced" if forced else "")
 
 
-def collect(mid: str, pairs=PAIRS, tag: str | None = None) -> dict:
+def collect(mid: str, pairs=PAIRS, tag: str | None = None, precision: str = "auto") -> dict:
     """The calibration table of ``mid`` from its runs' reports (refused with
     :class:`CalibrationBusy` while calibration runs are in progress)."""
     from milestones import load
@@ -168,7 +173,7 @@ def collect(mid: str, pairs=PAIRS, tag: str | None = None) -> dict:
                            margin_below_worst_sd=below / sd if sd and sd == sd else None,
                            threshold_ok=below >= margin and above > 0)
         gates.append(row)
-    return {"milestone": mid, "tag": tag, "pairs": [list(p) for p in pairs], "margin_rule": {"sigmas": SIGMAS, "relative": REL},
+    return {"milestone": mid, "tag": tag, "precision": precision, "pairs": [list(p) for p in pairs], "margin_rule": {"sigmas": SIGMAS, "relative": REL},
             "runs": runs, "gates": gates}
 
 
@@ -176,9 +181,10 @@ def to_markdown(table: dict) -> str:
     def f(v):
         return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
     runs = table["runs"]
-    mid, tag = table["milestone"], table.get("tag")
+    mid, tag, precision = table["milestone"], table.get("tag"), table.get("precision", "auto")
+    flags = (f" --tag {tag}" if tag else "") + (f" --precision {precision}" if precision != "auto" else "")
     out = [f"# Calibration of {mid} (quick profile){f', {tag}' if tag else ''}", "",
-           f"Made by `python -m benchmarks.calibrate {mid}{f' --tag {tag}' if tag else ''}`: {len(runs)} honest runs, training seed and "
+           f"Made by `python -m benchmarks.calibrate {mid}{flags}`: {len(runs)} honest runs, training seed and "
            f"world seed both varied; every control measured in each run with its gate's protocol. Rule: a threshold "
            f"lies beyond the best control and at least margin = max({SIGMAS:g} sd of the honest runs, {REL:.0%} of the "
            f"worst honest value) below the worst honest run; 'suggested' = worst honest - margin.", "",
@@ -219,14 +225,19 @@ def main(argv=None) -> int:
                    help="the (seed, world seed) pairs to run, of " + " ".join(f"{s},{w}" for s, w in PAIRS))
     p.add_argument("--tag", help="name this calibration MID-TAG (runs, table, report copies): another kind of "
                                  "machine's, kept apart from MID's (e.g. float32)")
+    p.add_argument("--precision", choices=("auto", "float32"), default="auto",
+                   help="grade with this --precision; float32 (never bf16) tags the calibration 'float32' "
+                        "unless --tag names it: a float32-only CPU's numbers, made on any CPU")
     args = p.parse_args(argv)
+    if args.precision == "float32" and args.tag is None:
+        args.tag = "float32"
     if args.tag is not None and not args.tag.replace("-", "").isalnum():
         print(f"calibrate: error: --tag {args.tag!r}: use letters, digits and '-' (it names files)", file=sys.stderr)
         return 2
     if not args.collect_only:
-        run_all([(mid, s, w) for mid in args.milestones for s, w in args.pairs], args.jobs, args.tag)
+        run_all([(mid, s, w) for mid in args.milestones for s, w in args.pairs], args.jobs, args.tag, args.precision)
     try:
-        tables = [collect(mid, tag=args.tag) for mid in args.milestones]
+        tables = [collect(mid, tag=args.tag, precision=args.precision) for mid in args.milestones]
     except CalibrationBusy as e:
         print(f"calibrate: error: {e}", file=sys.stderr)
         return 2

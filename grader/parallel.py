@@ -16,7 +16,8 @@ def child_options(args: argparse.Namespace) -> list[str]:
     """The command-line options every child gets: the parent's, minus --jobs, plus --no-progress
     (--force too: the parent has already moved the earlier runs aside, so the children find none)."""
     rest = ["--profile", args.profile, "--out", str(args.out), "--seed", str(args.seed),
-            "--world-seed", str(args.world_seed), "--device", args.device, "--no-progress"]
+            "--world-seed", str(args.world_seed), "--device", args.device, "--no-progress",
+            "--precision", getattr(args, "precision", "auto")]
     for flag, value in (("--data-root", args.data_root), ("--impl", args.impl), ("--format", getattr(args, "format", None)),
                         ("--isolation", getattr(args, "isolation", None)),
                         ("--test-world-seed", getattr(args, "test_world_seed", None)),

@@ -179,7 +179,8 @@ def to_markdown(report: dict) -> str:
            f" (CPU {p.get('cpu_time_s', float('nan')):.0f} s, {p.get('torch_threads', '?')} threads"
            f"{f' per rank, {ranks} ranks' if (ranks := p.get('nproc', 1)) > 1 else ''},"
            f" load {p.get('loadavg_end', ['?'])[0]}) on {p['device'].get('cpu', p['device']['device'])}"
-           f"{f' ({isa})' if (isa := (p['device'].get('cpu_isa') or {}).get('capability')) else ''}",
+           f"{f' ({isa})' if (isa := (p['device'].get('cpu_isa') or {}).get('capability')) else ''}"
+           f"{', float32 forced (--precision float32)' if p.get('options', {}).get('precision') == 'float32' else ''}",
            "", f"`{p['command']}`", ""]
     if report.get("error"):
         out += [f"**Error:** {report['error']}", ""]

@@ -115,7 +115,7 @@ def options(args: argparse.Namespace) -> dict:
             "hidden_seed": bool(getattr(args, "hidden_seed", False)),
             "test_world_seed": getattr(args, "test_world_seed", args.world_seed),
             "require_human": args.require_human, "format": getattr(args, "format", None),
-            "isolation": getattr(args, "isolation", "none")}
+            "isolation": getattr(args, "isolation", "none"), "precision": getattr(args, "precision", "auto")}
 
 
 def gate_rows(milestone, result, profile: str) -> list[dict]:
@@ -174,7 +174,8 @@ def measure(milestone, args: argparse.Namespace, out_dir: Path, checkpoint: Path
     ctx = RunContext(profile=args.profile, seed=args.seed, world_seed=args.world_seed,
                      test_world_seed=getattr(args, "test_world_seed", None), out_dir=out_dir, device=args.device,
                      data_root=args.data_root, checkpoint=checkpoint, download=args.download,
-                     progress=not args.no_progress, resume=args.resume, smoke=getattr(args, "smoke", False))
+                     progress=not args.no_progress, resume=args.resume, smoke=getattr(args, "smoke", False),
+                     precision=getattr(args, "precision", "auto"))
     return milestone.run(ctx)  # DataMissingError / CheckpointError propagate to main -> exit 2
 
 

@@ -205,7 +205,8 @@ def main(argv) -> int:
                                   seed=report["provenance"].get("seed", 0), device=opts.get("device", "cpu"),
                                   world_seed=report["provenance"].get("world_seed", 0),
                                   test_world_seed=report["provenance"].get("test_world_seed"),
-                                  data_root=data_root, download=False, resume=False, no_progress=args.no_progress)
+                                  data_root=data_root, download=False, resume=False, no_progress=args.no_progress,
+                                  precision=opts.get("precision", "auto"))
     print(f"== verify {args.report}: {report['milestone']} {report['profile']} profile, seed {run_args.seed}, "
           f"checkpoint {ckpt} (sha256 {report['checkpoint']['sha256'][:12]}... matches)", flush=True)
     isa_note = isa_difference(report["provenance"].get("device") or {})

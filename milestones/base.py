@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,6 +116,20 @@ class Criterion:
 TEST_SPLITS = ("test", "heldout")  # the world splits gates are measured on
 
 
+BF16_FIELDS = ("bf16", "sample_bf16")  # the recipe switches that ask for bf16 (training, sampling)
+
+
+def float32_recipe(recipe):
+    """``recipe`` with every bf16 switch off (:data:`BF16_FIELDS`), in nested recipe dataclasses
+    too (m6's CLIP): ``--precision float32``. Other recipes are returned as they are."""
+    if not is_dataclass(recipe):
+        return recipe
+    changes = {f.name: False for f in fields(recipe) if f.name in BF16_FIELDS}
+    changes.update({f.name: float32_recipe(v) for f in fields(recipe)
+                    if is_dataclass(v := getattr(recipe, f.name)) and not isinstance(v, type)})
+    return replace(recipe, **changes)
+
+
 @dataclass
 class RunContext:
     """Everything a milestone run may depend on; the grader builds it from the command line."""
@@ -134,6 +148,7 @@ class RunContext:
     progress: bool = True
     resume: bool = False  # continue from out_dir/checkpoint.pt when it exists (resumable milestones)
     smoke: bool = False  # --smoke: the profile's smoke recipe (tiny models, few steps: proves the path, not quality)
+    precision: str = "auto"  # --precision: "auto" (bf16 where asked for and native) or "float32" (never bf16)
     log_lines: list[str] = field(default_factory=list)
 
     def split_world_seed(self, split: str) -> int:
@@ -209,12 +224,15 @@ class Milestone:
         return interface(self.id)
 
     def recipe(self, ctx: RunContext):
-        """The recipe of ``ctx.profile``, or its smoke recipe with ``ctx.smoke``."""
+        """The recipe of ``ctx.profile``, or its smoke recipe with ``ctx.smoke``; every bf16
+        switch off with ``ctx.precision == "float32"`` (:func:`float32_recipe`)."""
         if ctx.smoke:
             if ctx.profile not in self.smoke_recipes:
                 raise ValueError(f"{self.id} has no smoke recipe for the {ctx.profile} profile")
-            return self.smoke_recipes[ctx.profile]
-        return self.recipes[ctx.profile]
+            recipe = self.smoke_recipes[ctx.profile]
+        else:
+            recipe = self.recipes[ctx.profile]
+        return float32_recipe(recipe) if ctx.precision == "float32" else recipe
 
     def run(self, ctx: RunContext) -> RunResult:  # pragma: no cover - abstract
         raise NotImplementedError

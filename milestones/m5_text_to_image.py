@@ -401,7 +401,7 @@ def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
     ctx.log(f"evaluating: {len(prompts)} prompts x guidance {sorted(set(recipe.sweep) | {sp.guidance, 1.0})}")
     t0 = time.perf_counter()
 
-    metrics, more, samples = evaluate(sampler_for(model, sp, ctx.seed, ctx.progress, impl), judges, prompts, heldout, test.images, test_captions(recipe, test),
+    metrics, more, samples = evaluate(sampler_for(model, sp, ctx.seed, ctx.progress, impl, bf16=recipe.bf16), judges, prompts, heldout, test.images, test_captions(recipe, test),
                                       sp.guidance, recipe.sweep, seed=ctx.seed, gain_prompts=gain_prompts,
                                       negative=recipe.negative, negative_base=recipe.negative_base,
                                       n_negative=recipe.n_negative)
@@ -413,7 +413,7 @@ def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
     t0 = time.perf_counter()
     tok = ctok if not ctx.checkpoint else impl.tokenizer_load(ck["extra"]["tokenizer"])
     untrained = fresh_generator(model, tok, 7919 + ctx.seed, ctx.device, impl)
-    controls = measure_controls(sampler_for(model, sp, ctx.seed, False, impl), sampler_for(untrained, sp, ctx.seed, False, impl),
+    controls = measure_controls(sampler_for(model, sp, ctx.seed, False, impl, bf16=recipe.bf16), sampler_for(untrained, sp, ctx.seed, False, impl, bf16=recipe.bf16),
                                 judges, samples, prompts, metrics["clip_score_shuffled"], sp.guidance,
                                 min(recipe.n_control, len(prompts)), ctx.seed, colour_only=recipe.data == "world")
     del untrained
@@ -423,7 +423,7 @@ def run_profile(ctx: RunContext, recipe: M5Recipe, impl=CANDIDATE) -> RunResult:
                                 info.get("training"), recipe.warmup_steps, impl)
     T["symptoms_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    validation = validate(sampler_for(model, sp, ctx.seed, False, impl), judges, metrics["clip_score_shuffled"],
+    validation = validate(sampler_for(model, sp, ctx.seed, False, impl, bf16=recipe.bf16), judges, metrics["clip_score_shuffled"],
                           recipe, ctx.world_seed)
     T["validation_s"] = time.perf_counter() - t0
     meta = sheet_meta(sha256_file(ckpt), prompts, ctx.seed, sp.guidance, sp.sampler, sp.steps, sp.eta)
@@ -465,13 +465,14 @@ def validate(sample, judges, floor: float, recipe: M5Recipe, world_seed: int) ->
                   f"guidance and judged like the gates")
 
 
-def sampler_for(model, sampling: SamplingConfig, seed: int, progress: bool = False, impl=CANDIDATE):
+def sampler_for(model, sampling: SamplingConfig, seed: int, progress: bool = False, impl=CANDIDATE,
+                bf16: bool = True):
     """The ``sample(prompts, guidance, negative=None) -> uint8 (P, 3, H, W)`` callable the
     evaluation draws with: ``sampling`` (sampler, steps, eta) at any guidance scale, image ``i``
-    seeded by ``(seed, i)``."""
+    seeded by ``(seed, i)``; the network in bf16 with ``bf16`` where that is native."""
     def sample(prompts, guidance, negative=None):
         return impl.text2image_sample(model, prompts, {**asdict(sampling), "guidance": guidance}, negative=negative,
-                                      seed=seed, progress=progress)
+                                      seed=seed, bf16=bf16, progress=progress)
     return sample
 
 

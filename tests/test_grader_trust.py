@@ -344,3 +344,38 @@ def test_reports_record_the_cpu_kernel_features_and_verify_names_a_difference():
                              "device": {"device": "cpu", "cpu": "AMD EPYC", "cpu_isa": other}, "command": "c",
                              "environment": {}, "network": {"statement": "offline"}, "libraries": {}, "segments": []}}
     assert f"on AMD EPYC ({other['capability']})" in to_markdown(report)
+
+
+def test_precision_float32_turns_every_bf16_switch_off_and_calibrates_apart(tmp_path, monkeypatch):
+    """--precision float32: the milestone's recipe with every bf16 switch off (nested recipes
+    too), recorded in the options; calibrate passes it to each grade, tags the calibration
+    float32 and its table says the CPU's bf16 was not used."""
+    import benchmarks.calibrate as cal
+    from milestones.base import RunContext
+    m4, m6 = load("m4"), load("m6")
+    auto, forced = m4.recipe(RunContext()), m4.recipe(RunContext(precision="float32"))
+    assert auto.bf16 and auto.sample_bf16 and not forced.bf16 and not forced.sample_bf16
+    assert auto.steps == forced.steps and auto.unet == forced.unet
+    assert not m6.recipe(RunContext(precision="float32")).clip.bf16
+    assert load("m5").recipe(RunContext()).bf16 and not load("m5").recipe(RunContext(precision="float32")).bf16
+    assert m4.recipes["quick"].bf16  # the milestone's own recipe is untouched
+    assert cal.command("m4", 1, 1, "float32", "float32")[-2:] == ["--precision", "float32"]
+    from grader.cli import parse_args
+    from grader.parallel import child_options
+    from grader.run import options
+    args = parse_args(["m4", "--precision", "float32"])
+    assert options(args)["precision"] == "float32" and "float32" in child_options(args)
+    assert options(parse_args(["m4"]))["precision"] == "auto"
+    monkeypatch.setattr(cal, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(cal, "RESULTS", tmp_path / "results")
+    folder = cal.run_folder("m1", 0, 0, "float32") / "m1"
+    folder.mkdir(parents=True)
+    report = {"status": "pass", "gates": [{"gate": "test_accuracy", "value": 0.95}], "controls": [],
+              "provenance": {"git": {"commit": "c" * 40, "dirty": False}, "wall_time_s": 100.0,
+                             "options": {"precision": "float32"},
+                             "device": {"cpu_isa": {"capability": "AVX512", "flags": [], "bf16": True}}}}
+    (folder / "report.json").write_text(json.dumps(report))
+    (folder / "report.md").write_text("# report")
+    assert cal.main(["m1", "--collect-only", "--precision", "float32"]) == 0
+    md = (tmp_path / "results" / "m1-float32.md").read_text()
+    assert "--tag float32 --precision float32" in md and "AVX512, native bf16, float32 forced" in md
