@@ -87,8 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=device_value, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "float32"), default="auto",
                    help="auto (default): bf16 where a recipe asks for it and the device runs bf16 natively, "
-                        "float32 elsewhere; float32: never bf16, so a machine with native bf16 computes what "
-                        "one without it does (benchmarks/calibrate.py --precision float32)")
+                        "float32 elsewhere; float32: never bf16, so a machine with native bf16 trains in the "
+                        "number format of one without it (the CPU's kernel level still differs: the same seed "
+                        "agrees in distribution, not bit for bit; benchmarks/calibrate.py --precision float32)")
     p.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     p.add_argument("--impl", type=Path, default=None,
                    help="grade another implementation: a folder containing an 'mmsys' package (modules it lacks "
