@@ -5,6 +5,10 @@ same AdamW, in one process, interleaved so both see the same machine load. Print
 each and the ratio mmsys / torchvision (> 1: mmsys is faster).
 
     python benchmarks/bench_vit.py [--dim 128 --depth 6 --heads 4 --mlp-ratio 2 --batch 128 --iters 10 --bf16]
+                                   [--image-size 16] [--compile]
+
+``--image-size 16`` times m1 full's progressive-resizing phase (16 tokens); ``--compile`` runs
+both models through ``torch.compile`` (inductor; the first steps compile and are not timed).
 """
 
 from __future__ import annotations
@@ -40,26 +44,31 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (inductor)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    ours = ViT(ViTConfig(image_size=32, patch_size=4, dim=a.dim, depth=a.depth, n_heads=a.heads,
+    ours = ViT(ViTConfig(image_size=a.image_size, patch_size=4, dim=a.dim, depth=a.depth, n_heads=a.heads,
                          mlp_ratio=a.mlp_ratio, n_classes=10))
-    ref = VisionTransformer(image_size=32, patch_size=4, num_layers=a.depth, num_heads=a.heads,
+    ref = VisionTransformer(image_size=a.image_size, patch_size=4, num_layers=a.depth, num_heads=a.heads,
                             hidden_dim=a.dim, mlp_dim=int(a.dim * a.mlp_ratio), num_classes=10)
     n_ours, n_ref = (sum(p.numel() for p in m.parameters()) for m in (ours, ref))
-    x, y = torch.randn(a.batch, 3, 32, 32), torch.randint(0, 10, (a.batch,))
+    x, y = torch.randn(a.batch, 3, a.image_size, a.image_size), torch.randint(0, 10, (a.batch,))
     opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ours, ref)}
+    run = {m: torch.compile(m) if a.compile else m for m in (ours, ref)}  # the same parameters
     times = {ours: [], ref: []}
-    for i in range(a.iters + 2):  # two warm-up rounds, then timed rounds, interleaved
+    for i in range(a.iters + 2):  # two warm-up rounds (compilation with --compile), then timed rounds, interleaved
         for m in (ours, ref):
-            dt = step_time(m, x, y, opts[m], a.bf16)
+            dt = step_time(run[m], x, y, opts[m], a.bf16)
             if i >= 2:
                 times[m].append(dt)
     med = {m: statistics.median(ts) for m, ts in times.items()}
     print(f"config: dim {a.dim}, depth {a.depth}, heads {a.heads}, mlp {int(a.dim * a.mlp_ratio)}, patch 4, "
-          f"batch {a.batch}, {'bf16 autocast' if a.bf16 else 'fp32'}, threads {torch.get_num_threads()}")
+          f"image {a.image_size}, batch {a.batch}, {'bf16 autocast' if a.bf16 else 'fp32'}"
+          f"{', torch.compile' if a.compile else ''}, threads {torch.get_num_threads()}, "
+          f"cpu {torch.backends.cpu.get_cpu_capability()}")
     print(f"parameters: mmsys {n_ours:,}  torchvision {n_ref:,}")
     for name, m in (("mmsys ViT", ours), ("torchvision ViT", ref)):
         print(f"{name:<16} median step {med[m] * 1000:8.1f} ms   {a.batch / med[m]:8.1f} images/s")
