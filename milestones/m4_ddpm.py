@@ -57,7 +57,7 @@ THRESHOLDS = {
     #   199.9) and 63 below the control. fid_ddpm: bf16 101.0 / 102.4 / 93.6, float32 104.8 /
     #   117.9 / 89.5 (sd 14.2), best control 291: 180 is 4.4 sd above the worst.
     # rel_diff: bf16 0.071 / 0.065 / 0.072, float32 0.009 / 0.007 / 0.065 (sd 0.033) -> 0.20, the
-    #   spec's 0.10 being within 3 sd of float32's worst (the rule allows 0.164 at the most).
+    #   spec's 0.10 being within 3 sd of float32's worst (the rule needs 0.164 at least).
     # speed-up: bf16 20.7 / 21.1 / 21.1x, float32 20.2 / 18.6 / 20.2x (sd 0.9) -> 15, the spec's
     #   number (was 11.5 from the 1,200-step runs on Xeons, 22.4 / 23.9 / 19.1x, sd 2.4): 4.0 sd
     #   below float32's worst, the rule allowing up to 15.9. Best controls: inf (untrained U-Net,
