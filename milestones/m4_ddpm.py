@@ -12,8 +12,7 @@ on both profiles:
   a gate), FID in the features of a frozen classifier of the world (:mod:`eval.attributes`).
   The real floor (world val vs test) is measured at every count used. The spec's FID < 50 is
   reported as its own row (``spec_rows`` in the report's info), and so are the spec's 10 % and
-  15x for the comparison gates: the quick thresholds are the calibrated ones (see THRESHOLDS;
-  the speed-up's is the spec's 15x).
+  15x for the comparison gates: the quick thresholds are the calibrated ones (see THRESHOLDS).
 - full (CIFAR-10): 10,000 generated images vs the 10,000 test images; the gate is the spec's 50.
   Needs a GPU; ``--smoke`` runs a short CPU proof of the same path (few training steps, 500 vs
   500 images; a real, high FID).
@@ -58,11 +57,14 @@ THRESHOLDS = {
     #   117.9 / 89.5 (sd 14.2), best control 291: 180 is 4.4 sd above the worst.
     # rel_diff: bf16 0.071 / 0.065 / 0.072, float32 0.009 / 0.007 / 0.065 (sd 0.033) -> 0.20, the
     #   spec's 0.10 being within 3 sd of float32's worst (the rule needs 0.164 at least).
-    # speed-up: bf16 20.7 / 21.1 / 21.1x, float32 20.2 / 18.6 / 20.2x (sd 0.9) -> 15, the spec's
-    #   number (was 11.5 from the 1,200-step runs on Xeons, 22.4 / 23.9 / 19.1x, sd 2.4): 4.0 sd
-    #   below float32's worst, the rule allowing up to 15.9. Best controls: inf (untrained U-Net,
-    #   constant output) and 1.02x (DDIM without step skipping), all fail. The spec's 0.10 stays
-    #   in every report as a spec row (spec_rows): "spec gate not met" in the headline when missed.
+    # speed-up: bf16 20.7 / 21.1 / 21.1x, float32 20.2 / 18.6 / 20.2x (sd 0.9): 11.5, kept. These
+    #   tables would allow the spec's 15 (up to 15.9), but the speed-up is wall time and depends on
+    #   the CPU: float32 on an AVX2 CPU measured 14.08x at (0,0), the pair CI grades (bf9abec, the
+    #   1,200-step table; sampling does not depend on the training steps), and the 1,200-step bf16
+    #   runs on Xeons 22.4 / 23.9 / 19.1x (sd 2.4). 15 there would fail an honest CI run. Best
+    #   controls: inf (untrained U-Net, constant output) and 1.02x (DDIM without step skipping),
+    #   all fail. The spec's 0.10 and 15x stay in every report as spec rows (spec_rows): "spec
+    #   gate not met" in the headline when missed.
     # Float32 is not bit for bit across kernel levels: on an AVX2 CPU the same recipe measured
     #   DDIM-50 114.8 / 147.2 and DDPM 106.9 / 125.8 at (0,0) / (1,1) (results/m4-recipe-float32:
     #   experiments, not calibration runs), 53 below the thresholds at the worst.
@@ -72,7 +74,7 @@ THRESHOLDS = {
     "quick": {"fid_ddim50": 200.0,   # eta 0, 400 samples vs 500 world test images
               "fid_ddpm": 180.0,     # 100 samples vs the same 500
               "ddim_vs_ddpm_fid_rel_diff": 0.20,  # conditioned on the FID gates (m4_measure.conditioned)
-              "ddim_speedup": 15.0},              # conditioned likewise; the spec's number
+              "ddim_speedup": 11.5},              # conditioned likewise
     "full": {"fid_ddim50": 50.0,                  # the spec: CIFAR-10 FID < 50, Inception pool3, 10k
              "fid_ddpm": 50.0,                    # the spec's bar for DDPM too (1,000 samples: biased upwards)
              "ddim_vs_ddpm_fid_rel_diff": 0.10,   # the spec: DDIM-50 within 10 % of DDPM-T
@@ -87,9 +89,10 @@ CALIBRATION = (
     "Quick thresholds calibrated from 3 runs (training seed x world seed) in each number format by "
     "benchmarks/calibrate.py: results/calibration/m4.md (bf16) and m4-float32.md (--precision float32, what a CPU "
     "without native bf16 trains in); the numbers and the rule are in THRESHOLDS' comment. FID gates in the spec's "
-    "space, Inception-v3 pool3, deterministic DDIM-50 and DDPM. The speed-up gate is the spec's 15x; the FID "
-    "comparison is looser than the spec's 0.10, which the quick protocol cannot hold at the rule's margin (a spec "
-    "row in every report). The spec's FID < 50 is not met by the quick recipe (85-131 at 400 samples, with the "
+    "space, Inception-v3 pool3, deterministic DDIM-50 and DDPM. The comparison gates are looser than the spec's "
+    "0.10 and 15x, which the quick protocol cannot hold at the rule's margin on every CPU (the speed-up is wall "
+    "time: 14.08x on an AVX2 CPU); both are spec rows in every report. The spec's FID < 50 is not met by the "
+    "quick recipe (85-131 at 400 samples, with the "
     "real floor near 31 at that count): the spec rows say so in every report.")
 
 
@@ -468,8 +471,8 @@ class M4(Milestone):
 def spec_rows(metrics: dict, thresholds: dict, recipe: M4Recipe, profile: str) -> list[dict]:
     """The spec's bars in the spec's space, as report rows that say plainly whether each is met:
     FID < 50 for deterministic DDIM-50 and for DDPM, deterministic DDIM-50 within 10 % of DDPM,
-    and the quick comparison gates at the spec's 10 % and 15x (the calibrated FID comparison is
-    looser; the speed-up's threshold is the spec's).
+    and the quick comparison gates at the spec's 10 % and 15x (their calibrated thresholds are
+    looser).
     Where the profile's gate is the spec's (full), the gate is the row; where it is not (quick:
     calibrated thresholds; the comparison on stochastic DDIM), the row is reported
     beside the gate and is not a gate: "spec gate not met" when it fails the spec's bar."""
