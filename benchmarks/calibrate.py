@@ -225,7 +225,8 @@ def main(argv=None) -> int:
                    help="the (seed, world seed) pairs to run, of " + " ".join(f"{s},{w}" for s, w in PAIRS))
     p.add_argument("--tag", help="name this calibration MID-TAG (runs, table, report copies): another kind of "
                                  "machine's, kept apart from MID's (e.g. float32)")
-    p.add_argument("--precision", choices=("auto", "float32"), default="auto",
+    from milestones.base import PRECISIONS
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="grade with this --precision; float32 (never bf16) tags the calibration 'float32' "
                         "unless --tag names it: a float32-only CPU's numbers, made on any CPU")
     args = p.parse_args(argv)

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from grader import EXIT_PASS, EXIT_USAGE, REPO, UsageError
+from milestones.base import PRECISIONS
 
 
 SEED_LIMIT = 2 ** 32  # seeds are 0 <= seed < 2**32: every seed derived from it stays in torch's range
@@ -85,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a gate that waits for a person (m5's human evaluation) fails while no answers are "
                         "recorded, instead of reading 'pending' (exit 0)")
     p.add_argument("--device", type=device_value, default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("auto", "float32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 where a recipe asks for it and the device runs bf16 natively, "
                         "float32 elsewhere; float32: never bf16, so a machine with native bf16 trains in the "
                         "number format of one without it (the CPU's kernel level still differs: the same seed "

@@ -117,6 +117,7 @@ TEST_SPLITS = ("test", "heldout")  # the world splits gates are measured on
 
 
 BF16_FIELDS = ("bf16", "sample_bf16")  # the recipe switches that ask for bf16 (training, sampling)
+PRECISIONS = ("auto", "float32")  # --precision: bf16 where asked for and native / never bf16
 
 
 def float32_recipe(recipe):
